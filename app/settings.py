@@ -1,0 +1,399 @@
+"""Typed, validated settings loaded from ``settings.yaml``.
+
+One :class:`Settings` object is built once (``load_settings``) and handed down; nothing re-reads the
+file. Every problem (missing key, unknown key, wrong type, value out of range, inconsistent optics)
+is collected and raised together as one :class:`SettingsError` whose lines name the file, the dotted
+key, the value found and what was expected.
+
+Units: lengths in micrometres unless the key says otherwise (``_nm``, ``_mm``, ``_px``); phases in
+radians; Zernike modes by Noll index (from 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent.parent / "settings.yaml"
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used. The message lists every problem found."""
+
+
+def _check(**rules: Any) -> dict[str, Any]:
+    """Field metadata: ``gt``, ``ge``, ``lt``, ``le`` bounds, ``length`` for sequences."""
+    return {"rules": rules}
+
+
+def _f(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=_check(**rules))
+    return field(default=default, metadata=_check(**rules))
+
+
+@dataclass(frozen=True)
+class OpticsSettings:
+    numerical_aperture: float = _f(gt=0.0)
+    immersion_index: float = _f(ge=1.0)
+    wavelength_um: float = _f(gt=0.0, lt=10.0)
+    objective_focal_length_mm: float = _f(gt=0.0)
+    back_aperture_radius_mm: float = _f(gt=0.0)
+    beam: Literal["vortex", "tophat", "none"] = _f()
+    vortex_charge: int = _f(ge=-10, le=10)
+    tophat_radius: float = _f(gt=0.0, lt=1.0)
+    polarisation: Literal["circular_plus", "circular_minus", "linear", "radial", "azimuthal"] = _f()
+    linear_angle_deg: float = _f()
+    pupil_samples: int = _f(ge=16, le=1024)
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    pixel_size_um: float = _f(gt=0.0)
+    roi_px: int = _f(ge=8, le=4096)
+    bit_depth: int = _f(ge=1, le=32)
+    gain_adu_per_electron: float = _f(gt=0.0)
+    offset_adu: float = _f(ge=0.0)
+    read_noise_electrons: float = _f(ge=0.0)
+    quantum_efficiency: float = _f(gt=0.0, le=1.0)
+    exposure_ms: float = _f(gt=0.0)
+    peak_photons: float = _f(gt=0.0)
+    background_photons: float = _f(ge=0.0)
+    bead_diameter_um: float = _f(ge=0.0)
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    planes: int = _f(ge=3, le=4096)
+    z_step_um: float = _f(gt=0.0)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    xy_travel_um: float = _f(gt=0.0)
+    z_travel_um: float = _f(gt=0.0)
+    recentre_threshold_um: float = _f(ge=0.0)
+    settle_timeout_s: float = _f(gt=0.0)
+
+
+@dataclass(frozen=True)
+class SLMSettings:
+    backend: Literal["simulated", "qt", "slmpy"] = _f()
+    width_px: int = _f(ge=1)
+    height_px: int = _f(ge=1)
+    pixel_pitch_um: float = _f(gt=0.0)
+    pupil_centre_px: list[float] = _f(length=2)
+    pupil_radius_px: float = _f(gt=0.0)
+    grey_level_2pi: int = _f(ge=1, le=255)
+    split_screen: bool = _f()
+    split_half: Literal["left", "right"] = _f()
+    flip_x: bool = _f()
+    flip_y: bool = _f()
+    flatness_file: str | None = _f()
+    lut_file: str | None = _f()
+    monitor: int = _f(ge=0)
+
+
+@dataclass(frozen=True)
+class MicroManagerSettings:
+    python_backend: bool = _f()
+    install_dir: str | None = _f()
+    config_file: str | None = _f()
+    port: int = _f(ge=1, le=65535)
+    timeout_ms: int = _f(gt=0)
+    camera_device: str | None = _f()
+    focus_device: str | None = _f()
+    xy_device: str | None = _f()
+
+
+@dataclass(frozen=True)
+class HardwareSettings:
+    backend: Literal["simulated", "micromanager"] = _f()
+    micromanager: MicroManagerSettings = _f()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    checkpoint: str = _f()
+    architecture: str = _f()
+    modes: list[int] = _f()
+    predict_offset: bool = _f()
+    binning: int = _f(ge=1, le=8)
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    modes: list[int] = _f()
+    max_coefficient_rad: float = _f(ge=0.0)
+    max_total_rms_rad: float = _f(ge=0.0)
+    max_offset: float = _f(ge=0.0, lt=1.0)
+    peak_photons_range: list[float] = _f(length=2)
+    background_photons_range: list[float] = _f(length=2)
+    bead_diameter_range_um: list[float] = _f(length=2)
+    decentre_px: float = _f(ge=0.0)
+    val_fraction: float = _f(ge=0.0, lt=0.5)
+    test_fraction: float = _f(ge=0.0, lt=0.5)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    gain: float = _f(gt=0.0, le=2.0)
+    max_iterations: int = _f(ge=1)
+    converged_rms_rad: float = _f(ge=0.0)
+    max_correction_rms_rad: float = _f(gt=0.0)
+    max_prediction_rad: float = _f(gt=0.0)
+    min_photons: float = _f(ge=0.0)
+    saturation_fraction: float = _f(ge=0.0, le=1.0)
+    edge_margin_px: int = _f(ge=0)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    seed: int = _f(ge=0)
+    aberration_rms_rad: float = _f(ge=0.0)
+    aberration_modes: list[int] = _f()
+    mask_offset: list[float] = _f(length=2)
+    bead_position_um: list[float] = _f(length=3)
+    drift_um_per_step: float = _f(ge=0.0)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings. ``source`` is the file they came from (for error messages and records)."""
+
+    optics: OpticsSettings
+    camera: CameraSettings
+    stack: StackSettings
+    stage: StageSettings
+    slm: SLMSettings
+    hardware: HardwareSettings
+    model: ModelSettings
+    dataset: DatasetSettings
+    loop: LoopSettings
+    simulation: SimulationSettings
+    source: str = "<memory>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-serialisable), without ``source``."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Any) -> "Settings":
+        """Copy with whole sections or dotted keys replaced, re-validated.
+
+        ``settings.replace(**{"camera.roi_px": 32})`` or ``settings.replace(camera=new_camera)``.
+        """
+        data = self.to_dict()
+        for key, value in sections.items():
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            parts = key.split(".")
+            node = data
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = value
+        return settings_from_dict(data, source=self.source)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Convert ``value`` to ``tp`` or append an error naming the key; returns the value."""
+    origin = typing.get_origin(tp)
+    bad = f"key '{key}' = {value!r}: expected {_type_name(tp)}"
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(bad)
+            return None
+        return _build(tp, value, key, errors)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        sub_errors: list[str] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            result = _coerce(value, arg, key, sub_errors)
+            if len(sub_errors) == 0:
+                return result
+        errors.append(bad)
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(bad)
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            errors.append(bad)
+            return None
+        return [_coerce(v, inner, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(bad)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            errors.append(bad)
+            return None
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(bad)
+            return None
+        if value != value or value in (float("inf"), float("-inf")):
+            errors.append(f"key '{key}' = {value!r}: expected a finite number")
+            return None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(bad)
+        return value
+    raise TypeError(f"unsupported settings type {tp!r} for {key}")  # programming error
+
+
+_OPS = {
+    "gt": (lambda v, b: v > b, "> {}"),
+    "ge": (lambda v, b: v >= b, ">= {}"),
+    "lt": (lambda v, b: v < b, "< {}"),
+    "le": (lambda v, b: v <= b, "<= {}"),
+}
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    for extra in sorted(set(data) - set(names)):
+        errors.append(f"key '{prefix}.{extra}': unknown key (expected one of {', '.join(names)})")
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in data:
+            errors.append(f"key '{key}' is missing: expected {_type_name(hints[f.name])}")
+            kwargs[f.name] = None
+            continue
+        n_before = len(errors)
+        value = _coerce(data[f.name], hints[f.name], key, errors)
+        if len(errors) == n_before and value is not None:
+            rules = f.metadata.get("rules", {})
+            if "length" in rules and len(value) != rules["length"]:
+                errors.append(f"key '{key}' = {value!r}: expected {rules['length']} values")
+            for op, bound in rules.items():
+                if op in _OPS and isinstance(value, (int, float)):
+                    test, text = _OPS[op]
+                    if not test(value, bound):
+                        errors.append(f"key '{key}' = {value!r}: expected {text.format(bound)}")
+        kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:  # pragma: no cover - only with errors already recorded
+        return None
+
+
+def _cross_checks(s: Settings, errors: list[str]) -> None:
+    o = s.optics
+    if o.numerical_aperture >= o.immersion_index:
+        errors.append(
+            f"key 'optics.numerical_aperture' = {o.numerical_aperture}: expected < "
+            f"optics.immersion_index ({o.immersion_index})"
+        )
+    expected_radius = o.objective_focal_length_mm * o.numerical_aperture
+    if abs(o.back_aperture_radius_mm - expected_radius) > 0.05 * expected_radius:
+        errors.append(
+            f"key 'optics.back_aperture_radius_mm' = {o.back_aperture_radius_mm}: expected "
+            f"objective_focal_length_mm * numerical_aperture = {expected_radius:.3g} (within 5 %)"
+        )
+    if o.beam == "vortex" and o.vortex_charge == 0:
+        errors.append("key 'optics.vortex_charge' = 0: expected a non-zero charge for a vortex beam")
+    for section, modes in (("model", s.model.modes), ("dataset", s.dataset.modes),
+                           ("simulation", s.simulation.aberration_modes)):
+        bad = [m for m in modes if not isinstance(m, int) or m < 1]
+        if bad:
+            errors.append(f"key '{section}.modes' = {modes!r}: expected Noll indices >= 1")
+        if len(set(modes)) != len(modes):
+            errors.append(f"key '{section}.modes' = {modes!r}: expected no repeated mode")
+    if s.model.modes != s.dataset.modes:
+        errors.append(
+            f"key 'model.modes' = {s.model.modes!r}: expected the same list as dataset.modes "
+            f"({s.dataset.modes!r})"
+        )
+    if s.stack.planes != s.camera.roi_px:
+        errors.append(
+            f"key 'stack.planes' = {s.stack.planes}: expected camera.roi_px ({s.camera.roi_px}) so "
+            "that the xz and yz sections are square like the xy section"
+        )
+    if s.camera.roi_px % s.model.binning:
+        errors.append(
+            f"key 'model.binning' = {s.model.binning}: expected a divisor of camera.roi_px "
+            f"({s.camera.roi_px})"
+        )
+    for key in ("peak_photons_range", "background_photons_range", "bead_diameter_range_um"):
+        lo, hi = getattr(s.dataset, key)
+        if not 0 <= lo <= hi:
+            errors.append(f"key 'dataset.{key}' = {[lo, hi]!r}: expected 0 <= low <= high")
+    if s.dataset.val_fraction + s.dataset.test_fraction >= 1:
+        errors.append("keys 'dataset.val_fraction' + 'dataset.test_fraction': expected a sum < 1")
+
+
+def settings_from_dict(data: Any, source: str = "<memory>") -> Settings:
+    """Validate a nested dict (as parsed from YAML) into :class:`Settings`."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise SettingsError(f"{source}: expected a YAML mapping of sections, found {type(data).__name__}")
+    settings = _build(Settings, data, "", errors)
+    if not errors:
+        settings = dataclasses.replace(settings, source=source)
+        _cross_checks(settings, errors)
+    if errors:
+        lines = "\n  ".join(errors)
+        raise SettingsError(f"{source}: {len(errors)} problem(s) in the settings:\n  {lines}")
+    return settings
+
+
+def load_settings(path: str | Path | Settings | None = None) -> Settings:
+    """Load and validate a settings file (default: the repository's ``settings.yaml``).
+
+    A :class:`Settings` instance is returned unchanged, so functions can take either.
+    """
+    if isinstance(path, Settings):
+        return path
+    path = Path(path) if path is not None else DEFAULT_SETTINGS_PATH
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read the settings file ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
+    return settings_from_dict(data, source=str(path))
