@@ -35,7 +35,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _disk_cell_fractions(centres: np.ndarray, half_width: float, subsamples: int = 32) -> np.ndarray:
-    """Fraction of each square pupil cell (centres along one axis) lying inside the unit disk."""
+    """Fraction of each square pupil cell (centres along one axis) inside the unit disk, (Np, Np).
+
+    The pupil function is taken at the cell centre and weighted by this fraction (midpoint rule
+    with an area-weighted boundary: error ~ 1/Np^2, dominated by the disk's edge)."""
     uu, vv = np.meshgrid(centres, centres, indexing="xy")
     r_near = np.hypot(np.maximum(np.abs(uu) - half_width, 0), np.maximum(np.abs(vv) - half_width, 0))
     r_far = np.hypot(np.abs(uu) + half_width, np.abs(vv) + half_width)
@@ -112,8 +115,8 @@ class PSFSimulator:
         h = 1.0 / self.pupil_samples
         centres = -1 + (np.arange(self.pupil_samples) + 0.5) * 2 * h
         frac = _disk_cell_fractions(centres, h)
+        uu, vv = np.meshgrid(centres, centres, indexing="xy")
         cell_area = (2 * h) ** 2
-        uu, vv = np.meshgrid(centres, centres, indexing="xy")  # [v, u]
         self._u_np, self._v_np = uu, vv
         self._weights_np = frac * cell_area
         rho = np.hypot(uu, vv)
@@ -128,6 +131,8 @@ class PSFSimulator:
         field = debye_pupil_field(self._u, self._v, na, n, jones)  # (3, Np, Np) complex
         self._pupil_field = (field * self._weights).to(self.cdtype)
         self._pupil_field = torch.where(self._weights > 0, self._pupil_field, 0)
+        self._field_u3v = self._pupil_field.permute(2, 0, 1).contiguous()  # (u, 3, v)
+        self._field_v3u = self._pupil_field.permute(1, 0, 2).contiguous()  # (v, 3, u)
 
         # --- transform kernels
         coords = (np.arange(self.n_px) - self.n_px // 2) * self.pixel_size_um  # centre pixel n//2
@@ -138,7 +143,6 @@ class PSFSimulator:
         self._fx = c(np.exp(-1j * np.outer(coords, kx)))  # (n, Np): [x, u]
         self._fx_t = self._fx.T.contiguous()
         self._kz_np = kz
-        self._kz_sub, self._kz_sub_weight = self._subcell_kz(centres, h)
         self._kz_planes = self._z_kernels(self.z_um)  # (nz, Np[v], Np[u])
         self._kz_uvz = self._kz_planes.permute(2, 1, 0).contiguous()  # (u, v, z)
         self._centred_mask_phase = beam_phase(
@@ -193,16 +197,34 @@ class PSFSimulator:
             coefficients_to_array(coefficients, self.n_modes), dtype=self.rdtype, device=self.device
         )
 
-    def pupil(self, coefficients: torch.Tensor, mask_offsets: torch.Tensor) -> torch.Tensor:
-        """Weighted pupil field (B, 3, Np, Np): apodised polarisation x mask x exp(i aberration).
+    def pupil_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pupil cell centres (u, v), each (Np, Np) indexed [v, u], in pupil radii. A
+        ``pupil_phase`` map passed to the simulator is sampled at these points."""
+        return self._u_np.copy(), self._v_np.copy()
+
+    def scalar_pupil(
+        self,
+        coefficients: torch.Tensor,
+        mask_offsets: torch.Tensor,
+        pupil_phase: torch.Tensor | None = None,
+        include_mask: bool = True,
+    ) -> torch.Tensor:
+        """Scalar pupil factor (B, Np, Np): exp(i (mask + aberration + pupil_phase)).
 
         ``coefficients`` (B, n_modes) radians (column k = Noll k+1); ``mask_offsets`` (B, 2)
         pupil radii (x, y). The mask is a phase (vortex: l atan2; top-hat: pi inside its disc),
-        recomputed only when an offset is non-zero or a gradient with respect to it is wanted."""
+        recomputed only when an offset is non-zero or a gradient with respect to it is wanted.
+        ``pupil_phase`` (Np, Np) or (B, Np, Np) radians at :meth:`pupil_coordinates` is added;
+        ``include_mask=False`` leaves the beam's own mask out (when ``pupil_phase`` carries it,
+        e.g. decoded from an SLM)."""
         b = coefficients.shape[0]
         npup = self.pupil_samples
         phase = (coefficients @ self._basis).reshape(b, npup, npup)
-        if mask_offsets.requires_grad or bool(torch.any(mask_offsets != 0)):
+        if pupil_phase is not None:
+            phase = phase + torch.as_tensor(pupil_phase, dtype=self.rdtype, device=self.device)
+        if not include_mask:
+            pass
+        elif mask_offsets.requires_grad or bool(torch.any(mask_offsets != 0)):
             o = self.optics
             phase = phase + beam_phase(
                 self._u, self._v, o.beam, o.vortex_charge, o.tophat_radius,
@@ -210,8 +232,11 @@ class PSFSimulator:
             )
         else:
             phase = phase + self._centred_mask_phase
-        scalar = torch.polar(torch.ones_like(phase), phase)  # (B, Np, Np)
-        return scalar[:, None] * self._pupil_field[None]
+        return torch.polar(torch.ones_like(phase), phase)  # (B, Np, Np) scalar pupil
+
+    def pupil(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Full vector pupil (B, 3, Np, Np) = :meth:`scalar_pupil` x the apodised polarisation."""
+        return self.scalar_pupil(*args, **kwargs)[:, None] * self._pupil_field[None]
 
     # ------------------------------------------------------------------ transforms
     def _fields_xy(self, pupil: torch.Tensor, z_planes: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,16 +246,21 @@ class PSFSimulator:
         t = pupil @ self._fx_t  # [..., v, x]
         return self._fx @ t  # [..., y, x]  (the output grid is square: y kernel == x kernel)
 
-    def _fields_xz_yz(self, pupil: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fields (B, 3, nz, n) on the xz (y = 0) and yz (x = 0) sections."""
-        b = pupil.shape[0]
+    def _intensity_xz_yz(self, scalar: torch.Tensor) -> torch.Tensor:
+        """Intensities (2, B, nz, n) on the xz (y = 0) and yz (x = 0) sections.
+
+        For xz the v sum carries the axial kernel kz(u, v) z, so it is done per u as a batched
+        matrix product with the pupil laid out (u, B, 3, v); yz is the same with u and v swapped
+        (kz is symmetric). Then one matrix product with the lateral kernel."""
+        b = scalar.shape[0]
         npup = self.pupil_samples
-        both = torch.cat([pupil, pupil.transpose(-1, -2)]).reshape(2 * b * 3, npup, npup)
-        # sum over v of pupil[., v, u] * kz[z, v, u], batched over u (kz is symmetric in u, v)
-        d = torch.bmm(both.permute(2, 0, 1), self._kz_uvz)  # (u, 2B3, z)
-        f = d.permute(1, 2, 0) @ self._fx_t  # (2B3, z, x)
-        f = f.reshape(2, b, 3, -1, self.n_px)
-        return f[0], f[1]
+        a_xz = scalar.permute(2, 0, 1)[:, :, None, :] * self._field_u3v[:, None]  # (u, B, 3, v)
+        a_yz = scalar.permute(1, 0, 2)[:, :, None, :] * self._field_v3u[:, None]  # (v, B, 3, u)
+        both = torch.cat([a_xz, a_yz], dim=1).reshape(npup, 2 * b * 3, npup)
+        d = torch.bmm(both, self._kz_uvz)  # (u, 2B3, z)
+        f = self._fx @ d.reshape(npup, -1)  # (x, 2B3 z)
+        inten = (f.real**2 + f.imag**2).reshape(self.n_px, 2, b, 3, -1).sum(dim=3)  # (x, 2, B, z)
+        return inten.permute(1, 2, 3, 0)
 
     @staticmethod
     def _intensity(field: torch.Tensor) -> torch.Tensor:
@@ -257,59 +287,54 @@ class PSFSimulator:
         return c, o
 
     # ------------------------------------------------------------------ public torch API
-    def orthosections_torch(self, coefficients: torch.Tensor, mask_offsets: torch.Tensor) -> torch.Tensor:
-        """Differentiable ortho-sections (B, 3, nz|n, n): xy (z = 0), xz (y = 0), yz (x = 0).
+    def orthosections_torch(
+        self, coefficients: torch.Tensor, mask_offsets: torch.Tensor, pupil_phase: Any = None,
+        include_mask: bool = True,
+    ) -> torch.Tensor:
+        """Differentiable ortho-sections (B, 3, n, n): xy (z = 0), xz (y = 0), yz (x = 0).
 
-        The xy section is at z = 0, so it is square (n, n); xz and yz have ``len(z_um)`` rows."""
-        c, o = self._prepare(coefficients, mask_offsets, batch=True)
-        pupil = self.pupil(c, o)
+        Needs ``len(z_um) == n_px``. See :meth:`pupil` for ``pupil_phase``/``include_mask``."""
         if len(self.z_um) != self.n_px:
             raise ValueError("ortho-sections need as many z planes as pixels; use stack() instead")
-        xz, yz = self._fields_xz_yz(pupil)
-        xy = self._fields_xy(pupil)
-        return torch.stack([self._intensity(f) for f in (xy, xz, yz)], dim=1) / self._peak
+        c, o = self._prepare(coefficients, mask_offsets, batch=True)
+        scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
+        xy = self._intensity(self._fields_xy(scalar[:, None] * self._pupil_field[None]))
+        xz, yz = self._intensity_xz_yz(scalar)
+        return torch.stack([xy, xz, yz], dim=1) / self._peak
 
-    def stack_torch(self, coefficients: torch.Tensor, mask_offsets: torch.Tensor, z_um: Any = None) -> torch.Tensor:
-        """Differentiable stacks (B, nz, n, n) at ``z_um`` (default: the simulator's planes)."""
+    def stack_torch(
+        self, coefficients: torch.Tensor, mask_offsets: torch.Tensor, z_um: Any = None,
+        pupil_phase: Any = None, include_mask: bool = True,
+    ) -> torch.Tensor:
+        """Differentiable stacks (B, nz, n, n) at ``z_um`` (default: the simulator's planes).
+
+        A bead (or sample) displaced by (dx, dy) from the grid centre is imaged exactly by adding
+        tip/tilt ``pi NA d / lambda`` (Fourier shift); a focus offset by shifting ``z_um``."""
         c, o = self._prepare(coefficients, mask_offsets, batch=True)
         kz = self._kz_planes if z_um is None else self._z_kernels(z_um)
-        pupil = self.pupil(c, o)
+        pupil = self.pupil(c, o, pupil_phase, include_mask)
         out = []
         for start in range(0, kz.shape[0], 8):  # 8 planes at a time bounds memory
             out.append(self._intensity(self._fields_xy(pupil, kz[start : start + 8])))
         return torch.cat(out, dim=1) / self._peak
 
-    def _subcell_kz(self, centres: np.ndarray, h: float, sub: int = 6) -> tuple[np.ndarray, np.ndarray]:
-        """kz at sub-points of every pupil cell (Np, Np, sub^2) and their weights (in-disk
-        points only, normalised per cell). The axial phase kz z varies fastest at the pupil edge,
-        so the z kernel is averaged over each cell instead of taken at its centre."""
-        na, n, lam = self.optics.numerical_aperture, self.optics.immersion_index, self.optics.wavelength_um
-        offs = ((np.arange(sub) + 0.5) / sub * 2 - 1) * h
-        su, sv = np.meshgrid(offs, offs, indexing="xy")
-        u = self._u_np[..., None] + su.ravel()
-        v = self._v_np[..., None] + sv.ravel()
-        rho2 = u * u + v * v
-        inside = (rho2 <= 1.0).astype(float)
-        count = inside.sum(-1, keepdims=True)
-        weight = np.where(count > 0, inside / np.maximum(count, 1), 1.0 / sub**2)
-        kz = 2 * np.pi / lam * np.sqrt(np.maximum(n**2 - na**2 * np.minimum(rho2, 1.0), 0))
-        return kz, weight
-
     def _z_kernels(self, z_um: Any) -> torch.Tensor:
-        """Cell-averaged axial kernels exp(i kz z), (nz, Np[v], Np[u]) complex."""
+        """Axial kernels exp(i kz z), (nz, Np[v], Np[u]) complex."""
         z = np.asarray(z_um, dtype=float).ravel()
-        out = np.empty((z.size,) + self._kz_np.shape, dtype=complex)
-        for i, zi in enumerate(z):
-            out[i] = np.sum(np.exp(1j * zi * self._kz_sub) * self._kz_sub_weight, axis=-1)
-        return torch.as_tensor(out, dtype=self.cdtype, device=self.device)
+        return torch.as_tensor(
+            np.exp(1j * z[:, None, None] * self._kz_np[None]), dtype=self.cdtype, device=self.device
+        )
 
     # ------------------------------------------------------------------ public numpy API
-    def orthosections(self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+    def orthosections(
+        self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0),
+        pupil_phase: Any = None, include_mask: bool = True,
+    ) -> np.ndarray:
         """Ortho-sections (3, n, n) float: xy[y, x], xz[z, x], yz[z, y], normalised to the
         unaberrated beam's peak. ``coefficients``: {Noll: rad} or array (column k = Noll k+1)."""
         c, o = self._prepare(coefficients, mask_offset, batch=False)
         with torch.no_grad():
-            return self.orthosections_torch(c, o)[0].cpu().numpy()
+            return self.orthosections_torch(c, o, pupil_phase, include_mask)[0].cpu().numpy()
 
     def orthosections_batch(
         self, coefficients: np.ndarray, mask_offsets: np.ndarray | None = None, chunk: int = 256
@@ -324,12 +349,14 @@ class PSFSimulator:
         return np.concatenate(out) if out else np.zeros((0, 3, self.n_px, self.n_px), np.float32)
 
     def stack(
-        self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0), z_um: Any = None
+        self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0), z_um: Any = None,
+        pupil_phase: Any = None, include_mask: bool = True,
     ) -> np.ndarray:
-        """Intensity stack (nz, n, n) at ``z_um`` (default: the simulator's planes)."""
+        """Intensity stack (nz, n, n) at ``z_um`` (default: the simulator's planes), normalised to
+        the unaberrated beam's peak. See :meth:`stack_torch`."""
         c, o = self._prepare(coefficients, mask_offset, batch=False)
         with torch.no_grad():
-            return self.stack_torch(c, o, z_um)[0].cpu().numpy()
+            return self.stack_torch(c, o, z_um, pupil_phase, include_mask)[0].cpu().numpy()
 
     def field(self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0), z_um: float = 0.0) -> np.ndarray:
         """Complex focal field (3, n, n) (components x, y, z) in the plane ``z_um``,
@@ -361,9 +388,9 @@ class PSFSimulator:
         c = torch.zeros(1, self.n_modes, dtype=self.rdtype, device=self.device)
         o = torch.zeros(1, 2, dtype=self.rdtype, device=self.device)
         with torch.no_grad():
-            pupil = fine.pupil(c, o)
-            xz, yz = fine._fields_xz_yz(pupil)
-            peak = max(float(self._intensity(f).max()) for f in (fine._fields_xy(pupil), xz, yz))
+            scalar = fine.scalar_pupil(c, o)
+            xy = self._intensity(fine._fields_xy(scalar[:, None] * self._pupil_field[None]))
+            peak = max(float(xy.max()), float(fine._intensity_xz_yz(scalar).max()))
         return peak
 
 
