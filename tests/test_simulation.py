@@ -65,7 +65,7 @@ def test_focal_profile_matches_bessel_form_and_ring_radius(donut):
     np.testing.assert_allclose(xy[c, c:], ref, atol=1e-3)
     # rotational symmetry: +x, -x, +y, -y profiles agree
     for profile in (xy[c, c::-1], xy[c:, c], xy[c::-1, c]):
-        np.testing.assert_allclose(profile[: c - 1], xy[c, c : 2 * c - 1], atol=1e-4)
+        np.testing.assert_allclose(profile[: c - 1], xy[c, c : 2 * c - 1], atol=5e-4)
 
 
 def test_tip_tilt_shift_follows_optics():
