@@ -1,0 +1,127 @@
+"""Loop (CNN) vs the classical modal sensorless AO baseline on the same hidden aberrations.
+
+Prints, per iteration, the true residual RMS (median and 95th percentile over trials) and the
+number of stacks acquired, for both correctors, and the stacks each needs to reach a residual.
+
+    python benchmarks/loop_vs_baseline.py --trials 10 --iterations 3 --baseline-iterations 4 --seed 100
+
+``--devices factory`` (default) uses the simulated microscope of ``hardware.factory``;
+``--devices fake`` the test stand-in (tests/test_loop_support.py, same simulator and camera noise).
+``--predictor oracle`` replaces the CNN by the hidden truth (loop logic only: NOT a model figure).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def hidden_aberration(settings, seed: int, rms: float) -> dict[int, float]:
+    rng = np.random.default_rng(seed)
+    modes = list(settings.simulation.aberration_modes)
+    c = rng.uniform(-1, 1, len(modes))
+    c *= rms / np.linalg.norm(c)
+    return {int(m): float(v) for m, v in zip(modes, c)}
+
+
+def one(settings, corrector, iterations, seed, rms, devices_kind, predictor_kind, predictor_cache, bias):
+    from app.loop import AlignmentLoop
+
+    if devices_kind == "fake":
+        from tests.test_loop_support import OraclePredictor, fake_acquire_stack, fake_devices
+
+        dev = fake_devices(settings, hidden_aberration(settings, seed, rms), seed=seed)
+        acquire, ctx = fake_acquire_stack, None
+    else:
+        from hardware.factory import open_devices
+
+        s2 = settings.replace(**{"simulation.seed": seed, "simulation.aberration_rms_rad": rms,
+                                 "hardware.backend": "simulated"})
+        ctx = open_devices(s2)
+        dev, acquire = ctx.__enter__(), None
+    try:
+        pred = None
+        if corrector == "model":
+            if predictor_kind == "oracle":
+                from tests.test_loop_support import OraclePredictor
+
+                pred = OraclePredictor(dev.microscope)
+            else:
+                if "model" not in predictor_cache:
+                    from models.predictor import Predictor
+
+                    predictor_cache["model"] = Predictor.load(settings=settings)
+                pred = predictor_cache["model"]
+        loop = AlignmentLoop(dev, settings, predictor=pred, corrector=corrector, acquire_stack=acquire,
+                             modal_options={"bias_rad": bias})
+        loop.zero_slm()
+        rows = [(0, loop.true_residual_rms(), 0)]
+        for k in range(iterations):
+            loop.correct_once(iteration=k)
+            rows.append((k + 1, loop.true_residual_rms(), loop.stacks_acquired))
+        return rows
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+def stacks_to_reach(all_rows, level):
+    """Median over trials of the stacks acquired when the residual first fell below ``level``."""
+    out = []
+    for rows in all_rows:
+        hit = [s for _, r, s in rows if r is not None and r <= level]
+        out.append(hit[0] if hit else np.inf)
+    return float(np.median(out))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--settings", default=None)
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--baseline-iterations", type=int, default=4)
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--aberration-rms", type=float, default=0.7)
+    p.add_argument("--bias", type=float, default=0.5, help="modal bias, rad")
+    p.add_argument("--devices", choices=["factory", "fake"], default="factory")
+    p.add_argument("--predictor", choices=["model", "oracle"], default="model")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    from app.settings import load_settings
+
+    s = load_settings(args.settings)
+    cache: dict = {}
+    results = {}
+    for corrector, iters in (("model", args.iterations), ("modal", args.baseline_iterations)):
+        t0 = time.perf_counter()
+        rows = [one(s, corrector, iters, args.seed + t, args.aberration_rms, args.devices, args.predictor, cache,
+                    args.bias) for t in range(args.trials)]
+        results[corrector] = {"rows": rows, "wall_s": time.perf_counter() - t0}
+        label = "CNN loop" if args.predictor == "model" else "ORACLE loop (not a model figure)"
+        print(f"\n{label if corrector == 'model' else 'modal baseline (2N+1 stacks per iteration)'}: "
+              f"{args.trials} trials, {results[corrector]['wall_s']:.0f} s")
+        print(f"{'iter':>4} {'stacks':>7} {'residual median':>16} {'residual p95':>13}")
+        for k in range(iters + 1):
+            res = [r[k][1] for r in rows]
+            st = np.median([r[k][2] for r in rows])
+            print(f"{k:>4} {st:>7.0f} {np.median(res):>16.4f} {np.percentile(res, 95):>13.4f}")
+    print("\nstacks to reach a residual (median over trials; inf = not reached):")
+    for level in (0.3, 0.15, 0.1, 0.05):
+        a = stacks_to_reach(results["model"]["rows"], level)
+        b = stacks_to_reach(results["modal"]["rows"], level)
+        ratio = b / a if np.isfinite(a) and np.isfinite(b) and a > 0 else float("nan")
+        print(f"  <= {level:.2f} rad: loop {a:>5} stacks, baseline {b:>5} stacks, ratio {ratio:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
