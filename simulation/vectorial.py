@@ -265,19 +265,16 @@ class PSFSimulator:
         return torch.stack([xy, xz, yz], dim=1)
 
     def _plane_fields(self, scalar: torch.Tensor, z_um: np.ndarray) -> torch.Tensor:
-        """Complex fields (B, 3, nz, n, n) in xy planes at ``z_um`` (node set 0)."""
+        """Complex fields (B, 3, nz, n, n) in xy planes at ``z_um`` (node set 0): the axial phase
+        kz z joins the scalar pupil, so every plane is one more batch entry of the chord sums."""
         b = scalar.shape[0]
         n = self.n_px
-        z = np.asarray(z_um, dtype=float).ravel()
-        ky = self._grid["chord"][..., :n]  # (Na, Nc, y)
-        kz = torch.polar(
-            torch.ones((), dtype=self.rdtype, device=self.device),
-            self._kz_t[..., None] * torch.as_tensor(z, dtype=self.rdtype, device=self.device),
-        )  # (Na, Nc, z)
-        chord = (kz[..., :, None] * ky[..., None, :]).reshape(ky.shape[0], ky.shape[1], -1)
-        d = self._chord_sums(scalar[:, 0], 0, chord)  # (Na, B 3, z y)
-        f = self._grid["fx"] @ d.reshape(d.shape[0], -1)  # (x, B 3 z y)
-        return f.reshape(n, b, 3, len(z), n).permute(1, 2, 3, 4, 0)  # (B, 3, z, y, x)
+        z = torch.as_tensor(np.asarray(z_um, dtype=float).ravel(), dtype=self.rdtype, device=self.device)
+        defocus = torch.polar(torch.ones((), dtype=self.rdtype, device=self.device), z[:, None, None] * self._kz_t)
+        planes = (scalar[:, None, 0] * defocus[None]).reshape(-1, *self._kz_t.shape)  # (B nz, Na, Nc)
+        d = self._chord_sums(planes, 0, self._grid["chord"][..., :n])  # (Na, B nz 3, y)
+        f = self._grid["fx"] @ d.reshape(d.shape[0], -1)  # (x, B nz 3 y)
+        return f.reshape(n, b, len(z), 3, n).permute(1, 3, 2, 4, 0)  # (B, 3, z, y, x)
 
     @staticmethod
     def _intensity(field: torch.Tensor) -> torch.Tensor:
@@ -328,7 +325,7 @@ class PSFSimulator:
         c, o = self._prepare(coefficients, mask_offsets, batch=True)
         z = self.z_um if z_um is None else np.asarray(z_um, dtype=float).ravel()
         scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
-        out = [self._intensity(self._plane_fields(scalar, z[i : i + 8])) for i in range(0, len(z), 8)]
+        out = [self._intensity(self._plane_fields(scalar, z[i : i + 32])) for i in range(0, len(z), 32)]
         return torch.cat(out, dim=1) / self._peak
 
     # ------------------------------------------------------------------ public numpy API
