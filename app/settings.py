@@ -78,6 +78,7 @@ class StageSettings:
     xy_travel_um: float = _f(gt=0.0)
     z_travel_um: float = _f(gt=0.0)
     recentre_threshold_um: float = _f(ge=0.0)
+    recentre_threshold_z_um: float = _f(ge=0.0)
     settle_timeout_s: float = _f(gt=0.0)
 
 
@@ -150,6 +151,11 @@ class LoopSettings:
     min_photons: float = _f(ge=0.0)
     saturation_fraction: float = _f(ge=0.0, le=1.0)
     edge_margin_px: int = _f(ge=0)
+    patience: int = _f(ge=1)
+    max_refusals: int = _f(ge=1)
+    min_snr: float = _f(ge=0.0)
+    max_edge_fraction: float = _f(gt=0.0, le=1.0)
+    tip_tilt_defocus_gain: float = _f(gt=0.0, le=2.0)
 
 
 @dataclass(frozen=True)
