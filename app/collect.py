@@ -37,7 +37,8 @@ from hardware.base import DeviceError
 log = logging.getLogger("autoalign.collect")
 
 N_MODES = 22
-METRICS = ("null_depth", "correlation_ideal", "predicted_residual_rms", "photons", "true_residual_rms")
+METRICS = ("null_depth", "correlation_ideal", "predicted_residual_rms", "photons", "true_residual_rms",
+           "true_null_depth")
 
 
 def _vec(coeffs: dict[int, float] | None) -> np.ndarray:
@@ -66,6 +67,12 @@ class CollectionFile:
             elif tuple(f["stack"].shape[1:]) != self.stack_shape:
                 raise ValueError(f"{self.path}: holds stacks of shape {f['stack'].shape[1:]}, "
                                  f"this run acquires {self.stack_shape}")
+            else:  # a file from an older version: add the metrics it lacks (NaN for its rows)
+                rows = int(f["round"].shape[0])
+                for name in METRICS:
+                    if name not in f["metrics"]:
+                        f["metrics"].create_dataset(name, data=np.full(rows, np.nan), maxshape=(None,),
+                                                    chunks=(256,))
 
     def _create(self, f: h5py.File) -> None:
         nz, ny, nx = self.stack_shape

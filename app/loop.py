@@ -146,42 +146,15 @@ class RefusedError(Exception):
 
 
 # ============================================================================ phase
-def _pupil_grid(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    centres = -1 + (np.arange(m) + 0.5) * 2 / m
-    u, v = np.meshgrid(centres, centres, indexing="xy")  # [y, x]
-    return u, v, np.hypot(u, v) <= 1.0
-
-
 def build_pupil_phase(settings: Any, correction: Correction, m: int) -> np.ndarray:
-    """Float phase (rad) on an m x m grid spanning the pupil diameter ([y, x], cell centres):
-    the beam's mask (vortex of the configured charge, shifted by ``correction.mask_offset``) plus
-    the Zernike correction; zero outside the pupil. Uses :mod:`simulation.phase` when present."""
-    o = settings.optics
-    try:
-        from simulation import phase as ph  # issue 4
+    """Float phase (rad) on the m x m pupil grid that ``SLM.show`` takes: the beam's mask (vortex
+    of the configured charge, shifted by ``correction.mask_offset``) plus the Zernike correction,
+    zero outside the pupil. One place builds it: :func:`simulation.phase.total_phase` (the same
+    function the simulated microscope subtracts to read back what the SLM applies)."""
+    from simulation import phase as ph
 
-        return np.asarray(
-            ph.total_phase(
-                settings, m, coefficients=correction.coefficients, mask_offset=correction.mask_offset
-            ),
-            dtype=float,
-        )
-    except (ImportError, AttributeError, TypeError):
-        pass
-    from simulation.zernike import zernike
-
-    u, v, inside = _pupil_grid(m)
-    ox, oy = correction.mask_offset
-    phase = np.zeros((m, m))
-    if o.beam == "vortex":
-        phase += o.vortex_charge * np.arctan2(v - oy, u - ox)
-    elif o.beam == "tophat":
-        phase += np.where((u - ox) ** 2 + (v - oy) ** 2 < o.tophat_radius**2, math.pi, 0.0)
-    rho, theta = np.minimum(np.hypot(u, v), 1.0), np.arctan2(v, u)
-    for k, c in correction.coefficients.items():
-        if c and k >= 2:
-            phase += c * zernike(int(k), rho, theta)
-    return np.where(inside, phase, 0.0)
+    return np.asarray(ph.total_phase(settings, m, coefficients=correction.coefficients or None,
+                                     mask_offset=correction.mask_offset), dtype=float)
 
 
 # ============================================================================ metrics
@@ -227,6 +200,29 @@ def null_depth(sections: np.ndarray, background: float, search_px: int = 3) -> f
     return float(max(centre, 0.0) / peak)
 
 
+def true_focal_null_depth(plane: np.ndarray, search_px: int = 3, upsample: int = 8) -> float:
+    """Null depth of a NOISE-FREE focal plane (no background): the minimum within ``search_px``
+    of the plane's centre, refined on a cubic spline ``upsample`` x finer (the beam is band-limited
+    at NA / lambda, so 40 nm pixels resolve it; the pixel minimum alone overestimates a deep null
+    several-fold), over the plane's maximum."""
+    from scipy import ndimage
+
+    xy = np.asarray(plane, dtype=float)
+    n = xy.shape[0]
+    peak = float(xy.max())
+    if peak <= 0:
+        return float("nan")
+    c = n // 2
+    lo, hi = max(c - search_px, 3), min(c + search_px + 1, n - 3)
+    iy, ix = np.unravel_index(np.argmin(xy[lo:hi, lo:hi]), (hi - lo, hi - lo))
+    iy, ix = iy + lo, ix + lo
+    patch = xy[iy - 3: iy + 4, ix - 3: ix + 4]
+    fine = ndimage.zoom(patch, upsample, order=3, mode="nearest", grid_mode=False)
+    k = fine.shape[0]
+    centre = fine[k // 2 - upsample: k // 2 + upsample + 1, k // 2 - upsample: k // 2 + upsample + 1]
+    return float(max(float(centre.min()), 0.0) / peak)
+
+
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=float).ravel()
     b = np.asarray(b, dtype=float).ravel()
@@ -234,6 +230,16 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     b = b - b.mean()
     den = math.sqrt(float(a @ a) * float(b @ b))
     return float(a @ b / den) if den > 0 else float("nan")
+
+
+def slm_grid(slm: Any, settings: Any) -> int:
+    """Size m of the m x m pupil grid a phase for ``slm`` is built on (the SLM's own when it
+    says, else ``optics.pupil_samples``)."""
+    for attr in ("pupil_samples", "pupil_grid_size", "m"):
+        value = getattr(slm, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(settings.optics.pupil_samples)
 
 
 def _call(callbacks: Any, name: str, *args: Any) -> None:
@@ -261,7 +267,7 @@ class AlignmentLoop:
 
     def __init__(self, devices: Any, settings: Any, predictor: Any = None, corrector: str = "model",
                  callbacks: Any = None, calibration: Any = None, modal_options: dict | None = None,
-                 acquire_stack: Any = None) -> None:
+                 acquire_stack: Any = None, truth_metrics: bool = True) -> None:
         if corrector not in ("model", "modal"):
             raise ValueError(f"corrector must be 'model' or 'modal', got {corrector!r}")
         self.devices = devices
@@ -272,6 +278,7 @@ class AlignmentLoop:
         self.calibration = calibration
         self.modal_options = dict(modal_options or {})
         self._acquire_fn = acquire_stack
+        self.truth_metrics = bool(truth_metrics)  # simulated microscope: true residual / null depth
         self.correction = Correction()
         self.best = Correction()
         self.best_score = math.inf
@@ -336,12 +343,7 @@ class AlignmentLoop:
             return None
 
     def _phase_grid(self) -> int:
-        slm = self.devices.slm
-        for attr in ("pupil_samples", "pupil_grid_size", "m"):
-            value = getattr(slm, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return int(self.settings.optics.pupil_samples)
+        return slm_grid(self.devices.slm, self.settings)
 
     # ------------------------------------------------------------------ SLM
     def check_correction(self, correction: Correction) -> None:
@@ -496,22 +498,67 @@ class AlignmentLoop:
         pass  # acquire() itself is a single step; stops are honoured between steps in run()
 
     # ------------------------------------------------------------------ metrics
-    def ideal_sections(self) -> np.ndarray:
-        """Unaberrated ortho-sections on this stack's grid (normalised intensity), bead-blurred."""
+    def _reference(self) -> dict[str, Any]:
+        """The unaberrated donut seen through this loop's own pipeline, noise-free: a simulated
+        microscope without aberration, the configured bead and camera, the vortex on a simulated
+        SLM, a stack acquired and analysed exactly like a measurement (cached). Gives the ideal
+        sections (correlation reference) and the measured null-depth floor of the bead."""
         if self._ideal is None:
-            from simulation.noise import blur_by_bead
-            from simulation.vectorial import PSFSimulator
+            from hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
+            from hardware.acquisition import acquire_stack
+            from simulation.microscope import SimulatedMicroscope
 
-            sim = PSFSimulator.from_settings(self.settings)
-            ideal = sim.orthosections({})
-            self._ideal = blur_by_bead(ideal, self.settings.camera.bead_diameter_um,
-                                       self.settings.camera.pixel_size_um)
+            s = self.settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
+            mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
+                                      drift_um_per_step=0.0, noise=False)
+            cam, focus, slm = SimulatedCamera(mic), SimulatedFocusStage(mic), SimulatedSLM(mic)
+            for dev in (cam, focus, slm):
+                dev.open()
+            slm.show(build_pupil_phase(s, Correction(), slm_grid(slm, s)))
+            m = self.analyse(acquire_stack(cam, focus, s))
+            if not m.valid:  # pragma: no cover - the unaberrated donut is always a valid bead
+                raise RuntimeError(f"reference donut refused: {m.reason}")
+            sections = m.sections - m.background_photons
+            self._ideal = {"sections": sections / max(float(sections[0].max()), 1e-12),
+                           "null_depth": null_depth(m.sections, m.background_photons)}
         return self._ideal
 
+    def ideal_sections(self) -> np.ndarray:
+        """Unaberrated ortho-sections (background removed, xy peak = 1) on this stack's grid, as
+        the loop's own analysis extracts them from a noise-free stack of the configured bead."""
+        return self._reference()["sections"]
+
     def ideal_null_depth(self) -> float:
-        """Null depth of the unaberrated donut imaged with the configured bead (the floor that a
-        perfect correction reaches; a bead of 80 nm fills the null to a few per cent)."""
-        return null_depth(self.ideal_sections(), 0.0)
+        """MEASURED null depth of the unaberrated donut imaged with the configured bead, noise-free:
+        the floor that a perfect correction reaches in :func:`null_depth` of a measurement (an
+        80 nm bead fills the null to a few per cent). Compare :meth:`true_null_depth`."""
+        return float(self._reference()["null_depth"])
+
+    def true_null_depth(self) -> float | None:
+        """TRUE null depth of the beam now on the SLM (simulated microscope only, else None):
+        centre over peak of the beam's own focal intensity from the microscope's truth (hidden
+        aberration + what the SLM shows, mask misregistration included), noise-free and without
+        the bead. A 64-plane stack of the beam around its nominal focus is rendered, its focal
+        plane found by the robust centroid, and :func:`true_focal_null_depth` taken in that plane
+        (sub-pixel minimum of the cubic-spline-interpolated intensity over the plane's maximum; the
+        exact unaberrated vortex gives < 1e-4)."""
+        mic = self.microscope
+        if mic is None or not hasattr(mic, "pupil_phase") or not hasattr(mic, "aberration"):
+            return None
+        try:
+            z = (np.arange(self.settings.stack.planes) - self.settings.stack.planes // 2) * self.settings.stack.z_step_um
+            coeffs = np.asarray(mic.aberration, dtype=float)
+            fast = getattr(mic, "_fast", None)  # the microscope's batched renderer (no public no-bead API)
+            if fast is not None and getattr(fast, "ok", False):
+                inten = fast.intensity(coeffs, z, mic.pupil_phase())
+            else:
+                inten = mic.simulator.stack(coeffs, z_um=z, pupil_phase=mic.pupil_phase(), include_mask=False)
+            inten = np.asarray(inten, dtype=float)
+            centre = cen.robust_stack_centroid(inten + 1e-6)
+            return true_focal_null_depth(cen.centred_sections(inten, centre, fill=0.0)[0])
+        except Exception:  # noqa: BLE001 - a report, never a failure
+            log.debug("true_null_depth failed", exc_info=True)
+            return None
 
     def metrics(self, m: Measurement, prediction: dict[int, float] | None = None) -> dict[str, float]:
         out: dict[str, float] = {"photons": float(m.photons), "peak_photons": float(m.peak_photons)}
@@ -523,9 +570,13 @@ class AlignmentLoop:
             out["correlation_ideal"] = float("nan")
         if prediction is not None:
             out["predicted_residual_rms"] = float(math.sqrt(sum(v * v for k, v in prediction.items() if k >= 5)))
-        true = self.true_residual_rms()
-        if true is not None:
-            out["true_residual_rms"] = true
+        if self.truth_metrics:
+            true = self.true_residual_rms()
+            if true is not None:
+                out["true_residual_rms"] = true
+            tnd = self.true_null_depth()
+            if tnd is not None:
+                out["true_null_depth"] = tnd
         return out
 
     # ------------------------------------------------------------------ centring
@@ -539,12 +590,13 @@ class AlignmentLoop:
         return {k: -v for k, v in seen.items()}
 
     def _stage_sign(self) -> tuple[float, float, float]:
-        """Sign of the stage move that cancels an apparent bead offset (per axis)."""
+        """Sign (per axis) of the stage move that cancels an apparent bead offset: the poke
+        calibration's when it measured one, else +1. +1 is the simulated microscope's convention
+        (the camera sees ``bead - stage`` and ``bead_z - focus``, so moving the stage/focus by the
+        measured offset re-centres) and that of a stage whose axes match the camera's."""
         if self.calibration is not None and getattr(self.calibration, "stage_sign", None):
             return tuple(self.calibration.stage_sign)  # type: ignore[return-value]
-        mic = self.microscope
-        sign = getattr(mic, "stage_sign", None) if mic is not None else None
-        return tuple(sign) if sign else (1.0, 1.0, 1.0)  # type: ignore[return-value]
+        return (1.0, 1.0, 1.0)
 
     def _plan_centring(self, m: Measurement) -> tuple[tuple[float, float, float] | None, dict[int, float]]:
         """(stage move in um or None, SLM tip/tilt/defocus delta) for a valid measurement."""
@@ -648,7 +700,10 @@ class AlignmentLoop:
             pred = None
             return record(f"refused: prediction failed ({exc})", self.metrics(m))
         metrics = self.metrics(m, pred)
-        metrics["true_residual_rms_measured"] = metrics.get("true_residual_rms", float("nan"))
+        if "true_residual_rms" in metrics:
+            metrics["true_residual_rms_measured"] = metrics["true_residual_rms"]
+        if "true_null_depth" in metrics:
+            metrics["true_null_depth_measured"] = metrics["true_null_depth"]
         problem = self._check_prediction(pred, off)
         if problem:
             return record(f"refused: {problem}", metrics)
@@ -670,9 +725,13 @@ class AlignmentLoop:
         except RefusedError as exc:
             return record(f"refused: {exc}", metrics)
         self.correction = new
-        true_after = self.true_residual_rms()
-        if true_after is not None:
-            metrics["true_residual_rms"] = true_after
+        if self.truth_metrics:  # the state after this iteration's correction
+            true_after = self.true_residual_rms()
+            if true_after is not None:
+                metrics["true_residual_rms"] = true_after
+            nd_after = self.true_null_depth()
+            if nd_after is not None:
+                metrics["true_null_depth"] = nd_after
         decision = "applied" + (" (stage re-centred)" if move is not None else "")
         return record(decision, metrics)
 
@@ -750,4 +809,5 @@ def _fmt(coeffs: dict[int, float]) -> str:
 
 
 __all__ = ["Correction", "Measurement", "IterationRecord", "LoopCallbacks", "AlignmentLoop",
-           "RefusedError", "LoopStopped", "build_pupil_phase", "null_depth", "correlation"]
+           "RefusedError", "LoopStopped", "build_pupil_phase", "null_depth", "true_focal_null_depth",
+           "correlation"]

@@ -78,8 +78,8 @@ class StageSettings:
     xy_travel_um: float = _f(gt=0.0)
     z_travel_um: float = _f(gt=0.0)
     recentre_threshold_um: float = _f(ge=0.0)
-    recentre_threshold_z_um: float = _f(ge=0.0)
     settle_timeout_s: float = _f(gt=0.0)
+    recentre_threshold_z_um: float = _f(0.08, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,12 @@ class LoopSettings:
     min_photons: float = _f(ge=0.0)
     saturation_fraction: float = _f(ge=0.0, le=1.0)
     edge_margin_px: int = _f(ge=0)
-    patience: int = _f(ge=1)
-    max_refusals: int = _f(ge=1)
-    min_snr: float = _f(ge=0.0)
-    max_edge_fraction: float = _f(gt=0.0, le=1.0)
-    tip_tilt_defocus_gain: float = _f(gt=0.0, le=2.0)
+    # optional keys (added later; files written before them, e.g. inside data sets, stay valid)
+    patience: int = _f(2, ge=1)
+    max_refusals: int = _f(3, ge=1)
+    min_snr: float = _f(8.0, ge=0.0)
+    max_edge_fraction: float = _f(0.5, gt=0.0, le=1.0)
+    tip_tilt_defocus_gain: float = _f(1.0, gt=0.0, le=2.0)
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,9 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, errors: list[str]) -> An
             continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         if f.name not in data:
+            if f.default is not dataclasses.MISSING:  # optional key: its documented default
+                kwargs[f.name] = f.default
+                continue
             errors.append(f"key '{key}' is missing: expected {_type_name(hints[f.name])}")
             kwargs[f.name] = None
             continue

@@ -5,9 +5,10 @@ number of stacks acquired, for both correctors, and the stacks each needs to rea
 
     python benchmarks/loop_vs_baseline.py --trials 10 --iterations 3 --baseline-iterations 4 --seed 100
 
-``--devices factory`` (default) uses the simulated microscope of ``hardware.factory``;
-``--devices fake`` the test stand-in (tests/test_loop_support.py, same simulator and camera noise).
-``--predictor oracle`` replaces the CNN by the hidden truth (loop logic only: NOT a model figure).
+Both run on the real simulated devices of ``hardware.factory`` (the simulated microscope with
+camera noise), trial ``t`` with seed ``S + t`` and the same hidden aberration for both correctors
+(RMS ``--aberration-rms A[:B]``, uniform in [A, B] per trial). ``--predictor oracle`` replaces the
+CNN by the microscope's hidden truth (loop logic only: NOT a model figure).
 """
 from __future__ import annotations
 
@@ -23,30 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def hidden_aberration(settings, seed: int, rms: float) -> dict[int, float]:
-    rng = np.random.default_rng(seed)
-    modes = list(settings.simulation.aberration_modes)
-    c = rng.uniform(-1, 1, len(modes))
-    c *= rms / np.linalg.norm(c)
-    return {int(m): float(v) for m, v in zip(modes, c)}
-
-
-def one(settings, corrector, iterations, seed, rms, devices_kind, predictor_kind, predictor_cache, bias):
+def one(settings, corrector, iterations, seed, rms, predictor_kind, predictor_cache, bias, checkpoint=None):
+    from app.commands.align import trial_rms
     from app.loop import AlignmentLoop
+    from hardware.factory import open_devices
 
-    if devices_kind == "fake":
-        from tests.test_loop_support import OraclePredictor, fake_acquire_stack, fake_devices
-
-        dev = fake_devices(settings, hidden_aberration(settings, seed, rms), seed=seed)
-        acquire, ctx = fake_acquire_stack, None
-    else:
-        from hardware.factory import open_devices
-
-        s2 = settings.replace(**{"simulation.seed": seed, "simulation.aberration_rms_rad": rms,
-                                 "hardware.backend": "simulated"})
-        ctx = open_devices(s2)
-        dev, acquire = ctx.__enter__(), None
-    try:
+    s2 = settings.replace(**{"simulation.seed": seed, "simulation.aberration_rms_rad": trial_rms(rms, seed),
+                             "hardware.backend": "simulated", "slm.backend": "simulated"})
+    with open_devices(s2) as dev:
         pred = None
         if corrector == "model":
             if predictor_kind == "oracle":
@@ -57,19 +42,16 @@ def one(settings, corrector, iterations, seed, rms, devices_kind, predictor_kind
                 if "model" not in predictor_cache:
                     from models.predictor import Predictor
 
-                    predictor_cache["model"] = Predictor.load(settings=settings)
+                    predictor_cache["model"] = Predictor.load(checkpoint, settings=settings)
                 pred = predictor_cache["model"]
-        loop = AlignmentLoop(dev, settings, predictor=pred, corrector=corrector, acquire_stack=acquire,
-                             modal_options={"bias_rad": bias})
+        loop = AlignmentLoop(dev, s2, predictor=pred, corrector=corrector, modal_options={"bias_rad": bias},
+                             truth_metrics=False)
         loop.zero_slm()
         rows = [(0, loop.true_residual_rms(), 0)]
         for k in range(iterations):
             loop.correct_once(iteration=k)
             rows.append((k + 1, loop.true_residual_rms(), loop.stacks_acquired))
         return rows
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
 
 
 def stacks_to_reach(all_rows, level):
@@ -88,9 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--baseline-iterations", type=int, default=4)
     p.add_argument("--seed", type=int, default=100)
-    p.add_argument("--aberration-rms", type=float, default=0.7)
+    p.add_argument("--aberration-rms", default="0.7:1.0", metavar="A[:B]")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default model.checkpoint)")
     p.add_argument("--bias", type=float, default=0.5, help="modal bias, rad")
-    p.add_argument("--devices", choices=["factory", "fake"], default="factory")
     p.add_argument("--predictor", choices=["model", "oracle"], default="model")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -101,8 +83,8 @@ def main(argv=None) -> int:
     results = {}
     for corrector, iters in (("model", args.iterations), ("modal", args.baseline_iterations)):
         t0 = time.perf_counter()
-        rows = [one(s, corrector, iters, args.seed + t, args.aberration_rms, args.devices, args.predictor, cache,
-                    args.bias) for t in range(args.trials)]
+        rows = [one(s, corrector, iters, args.seed + t, args.aberration_rms, args.predictor, cache, args.bias,
+                    args.checkpoint) for t in range(args.trials)]
         results[corrector] = {"rows": rows, "wall_s": time.perf_counter() - t0}
         label = "CNN loop" if args.predictor == "model" else "ORACLE loop (not a model figure)"
         print(f"\n{label if corrector == 'model' else 'modal baseline (2N+1 stacks per iteration)'}: "
@@ -113,7 +95,7 @@ def main(argv=None) -> int:
             st = np.median([r[k][2] for r in rows])
             print(f"{k:>4} {st:>7.0f} {np.median(res):>16.4f} {np.percentile(res, 95):>13.4f}")
     print("\nstacks to reach a residual (median over trials; inf = not reached):")
-    for level in (0.3, 0.15, 0.1, 0.05):
+    for level in (0.5, 0.3, 0.15, 0.1, 0.05):
         a = stacks_to_reach(results["model"]["rows"], level)
         b = stacks_to_reach(results["modal"]["rows"], level)
         ratio = b / a if np.isfinite(a) and np.isfinite(b) and a > 0 else float("nan")

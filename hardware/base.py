@@ -99,6 +99,10 @@ class Camera(Device):
         """Highest value the camera can report (saturation), ADU."""
         return float(2**16 - 1)
 
+    def begin_sequence(self, n_frames: int) -> None:
+        """Hint that the next ``n_frames`` snaps form one acquisition (a z-stack). Default: nothing;
+        the simulated camera lets the bead drift one step here."""
+
 
 class Stage(Device):
     """Common part of stages: settle and travel limits."""
@@ -148,13 +152,15 @@ class SLM(Device):
 
     @abc.abstractmethod
     def show(self, phase_rad: np.ndarray) -> None:
-        """Display a phase (radians, float, shape ``self.shape``). Invalid input raises
+        """Display a phase (radians, float) given on a square ``(m, m)`` pupil grid of any size
+        spanning the pupil diameter (``simulation.phase.pupil_grid``; indexed ``[v, u]``); the
+        SLM maps it onto its pixels (``hardware.slm_display.PhaseToGrey``). Invalid input raises
         :class:`SLMInputError` and the last good image stays on the SLM."""
 
     @property
     @abc.abstractmethod
     def phase_rad(self) -> np.ndarray:
-        """The phase currently shown (radians, as given to :meth:`show`)."""
+        """The phase currently shown (radians, pupil grid, as given to :meth:`show`)."""
 
 
 @dataclass(frozen=True)

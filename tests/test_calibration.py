@@ -1,5 +1,7 @@
 """Calibration: centroid -> tip/tilt/defocus against the optics (independently computed), robust
-centroid, poke calibration recovering a known scale, the convention self-check catching flips."""
+centroid, poke calibration recovering a known scale, the convention self-check catching flips
+(all on the real simulated devices; flips through the microscope's image transform and a
+misconfigured vortex handedness)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +14,7 @@ from calibration import optics as opt
 from calibration.centroid import centred_sections, robust_stack_centroid
 from calibration.poke import PokeCalibration, run_poke_calibration
 from calibration.selfcheck import run_self_check
-from tests.test_loop_support import LinearPredictor, fake_acquire_stack, fake_devices, simulator, small_settings
+from tests.test_loop_support import LinearPredictor, ScaledSLM, sim_devices, simulator, small_settings
 
 
 def test_tip_tilt_formula_matches_independent_fourier_shift():
@@ -70,10 +72,11 @@ def test_hot_pixel_does_not_move_centroid():
 
 def test_poke_calibration_recovers_known_scale(tmp_path):
     s = small_settings()
-    dev = fake_devices(s, {}, noise=False)
-    dev.slm.gain = 0.8  # the SLM writes 80 % of the commanded phase
-    loop = AlignmentLoop(dev, s, predictor=None, acquire_stack=fake_acquire_stack)
+    dev = sim_devices(s, {}, noise=False)
+    dev.slm = ScaledSLM(dev.slm, 0.8)  # the SLM writes 80 % of the commanded phase
+    loop = AlignmentLoop(dev, s, predictor=None)
     loop.zero_slm()
+    first = dev.slm.phase_rad
     cal = run_poke_calibration(loop, amplitude_rad=1.0, stage_step_um=0.2)
     scale = cal.scale_vs_optics(s)
     assert scale[0] == pytest.approx(0.8, abs=0.03)
@@ -81,7 +84,7 @@ def test_poke_calibration_recovers_known_scale(tmp_path):
     assert 0.6 < scale[2] < 0.9  # defocus: Z4 is not a pure shift at NA 1.4
     assert cal.stage_sign == (1.0, 1.0, 1.0)
     assert loop.calibration is cal
-    assert len(dev.slm.shown) >= 7 and np.allclose(dev.slm.shown[-1], dev.slm.shown[0])  # restored
+    assert dev.slm.frames_shown >= 8 and np.allclose(dev.slm.phase_rad, first)  # restored
     path = tmp_path / "poke.yaml"
     cal.save(path)
     back = PokeCalibration.load(path, settings=s, strict=True)
@@ -94,10 +97,11 @@ def test_poke_calibration_recovers_known_scale(tmp_path):
     assert corr[2] == pytest.approx(-0.1 * opt.tip_tilt_per_um(1.4, 0.775) / 0.8, rel=0.04)
 
 
+# camera-side flips, applied by the simulated microscope to every rendered stack (nz, ny, nx)
 FLIPS = {
-    "mirrored x": lambda d: d[:, :, ::-1],
-    "swapped x/y": lambda d: d.transpose(0, 2, 1),
-    "reversed z": lambda d: d[::-1],
+    "mirrored x": lambda d: d[..., ::-1],
+    "swapped x/y": lambda d: np.swapaxes(d, -1, -2),
+    "reversed z": lambda d: d[::-1] if d.ndim == 3 else d,
 }
 
 
@@ -107,10 +111,11 @@ def linear_predictor():
 
 
 def _check(settings, predictor, transform=None, charge_on_slm=None):
-    dev = fake_devices(settings, {}, transform=transform, seed=3)
-    if charge_on_slm is not None:
-        dev.microscope.vortex_charge_on_slm = charge_on_slm
-    loop = AlignmentLoop(dev, settings, predictor=predictor, acquire_stack=fake_acquire_stack)
+    dev = sim_devices(settings, {}, image_transform=transform, seed=3)
+    loop_settings = settings
+    if charge_on_slm is not None:  # the loop's settings say another handedness than the optics'
+        loop_settings = settings.replace(**{"optics.vortex_charge": charge_on_slm})
+    loop = AlignmentLoop(dev, loop_settings, predictor=predictor)
     loop.zero_slm()
     return run_self_check(loop, amplitude_rad=0.4)
 

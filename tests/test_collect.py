@@ -14,15 +14,15 @@ import numpy as np
 
 from app.collect import BeadWalk
 from app.loop import AlignmentLoop
-from tests.test_loop_support import OraclePredictor, fake_acquire_stack, fake_devices, small_settings
+from tests.test_loop_support import OraclePredictor, sim_devices, small_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _walk(path, rounds, seed=0, **kw):
     s = small_settings()
-    dev = fake_devices(s, {5: 0.3, 7: -0.2}, seed=seed, **kw)
-    loop = AlignmentLoop(dev, s, predictor=OraclePredictor(dev.microscope), acquire_stack=fake_acquire_stack)
+    dev = sim_devices(s, {5: 0.3, 7: -0.2}, seed=seed, **kw)
+    loop = AlignmentLoop(dev, s, predictor=OraclePredictor(dev.microscope))
     return BeadWalk(loop, path, rounds=rounds, random_aberration_rms=0.4, seed=seed), dev
 
 

@@ -71,3 +71,12 @@ def test_replace_revalidates():
     assert s.replace(**{"camera.roi_px": 32, "stack.planes": 32}).camera.roi_px == 32
     with pytest.raises(SettingsError):
         s.replace(**{"optics.wavelength_um": 0.0})
+
+
+def test_optional_keys_default_but_core_keys_required(tmp_path, raw):
+    del raw["loop"]["patience"]
+    s = load_settings(_write(tmp_path, raw))
+    assert s.loop.patience == 2
+    del raw["loop"]["gain"]
+    with pytest.raises(SettingsError, match="loop.gain' is missing"):
+        load_settings(_write(tmp_path, raw))

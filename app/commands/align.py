@@ -1,6 +1,13 @@
 """``autoalign align``: the closed loop, headless. With ``--backend sim``, ``--trials T`` trials
-each with a fresh random hidden aberration (seed ``S + t``); prints a per-iteration table (median
-and 95th percentile of the true residual RMS and of the null depth), writes JSON and PNG plots."""
+each with a fresh random hidden aberration (seed ``S + t``; RMS uniform in ``--aberration-rms``
+A:B, default the settings' ``simulation.aberration_rms_rad``); prints a per-iteration table
+(median and 95th percentile of the true residual RMS, the TRUE null depth of the beam and the
+MEASURED null depth with the bead), writes JSON and PNG plots.
+
+Row k is the state after k corrections. ``true null`` is centre over peak of the beam's own focal
+intensity (simulated microscope's truth, noise-free, no bead); ``measured null`` is what the
+camera sees with the bead, whose floor (perfect correction, noise-free) is printed. The iteration
+wall time excludes the truth metrics (what a dry run on the simulated microscope costs)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +37,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--corrector", choices=["model", "modal"], default="model")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (default model.checkpoint)")
     p.add_argument("--calibration", default=None, help="poke calibration YAML (default: optics formulas)")
-    p.add_argument("--aberration-rms", type=float, default=None, help="hidden aberration RMS (sim)")
+    p.add_argument("--aberration-rms", default=None, metavar="A[:B]",
+                   help="hidden aberration RMS, rad (sim); A:B draws each trial's uniformly in [A, B]")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
     p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
     p.set_defaults(func=run)
@@ -47,10 +55,19 @@ def _settings_for(args: argparse.Namespace, trial: int) -> Any:
         over["hardware.backend"] = "simulated"
         over["simulation.seed"] = (s.simulation.seed if args.seed is None else args.seed) + trial
         if args.aberration_rms is not None:
-            over["simulation.aberration_rms_rad"] = args.aberration_rms
+            over["simulation.aberration_rms_rad"] = trial_rms(args.aberration_rms, over["simulation.seed"])
     if args.checkpoint:
         over["model.checkpoint"] = args.checkpoint
     return s.replace(**over)
+
+
+def trial_rms(spec: str | float, seed: int) -> float:
+    """``"A"`` -> A; ``"A:B"`` -> uniform in [A, B] drawn from ``seed`` (reproducible per trial)."""
+    text = str(spec)
+    if ":" not in text:
+        return float(text)
+    lo, hi = (float(v) for v in text.split(":", 1))
+    return float(np.random.default_rng([int(seed), 7919]).uniform(lo, hi))
 
 
 def run_trial(settings: Any, iterations: int, corrector: str = "model", gain: float | None = None,
@@ -70,26 +87,29 @@ def run_trial(settings: Any, iterations: int, corrector: str = "model", gain: fl
         ctx = nullcontext(devices)
     with ctx as dev:
         loop = AlignmentLoop(dev, settings, predictor=predictor, corrector=corrector,
-                             calibration=calibration, acquire_stack=acquire_stack)
+                             calibration=calibration, acquire_stack=acquire_stack, truth_metrics=False)
         loop.zero_slm()
-        rows: list[dict[str, Any]] = [{"iteration": 0, "true_residual_rms": loop.true_residual_rms()}]
+
+        def truth() -> dict[str, Any]:
+            return {"true_residual_rms": loop.true_residual_rms(), "true_null_depth": loop.true_null_depth()}
+
+        rows: list[dict[str, Any]] = [{"iteration": 0, "stacks": 0, **truth()}]
         times = []
         decisions = []
         for k in range(iterations):
             t0 = time.perf_counter()
-            r = loop.correct_once(gain, iteration=k)
+            r = loop.correct_once(gain, iteration=k)  # a dry-run iteration: no truth metrics inside
             times.append(time.perf_counter() - t0)
             decisions.append(r.decision)
             rows[k].update(null_depth=r.metrics.get("null_depth"), correlation_ideal=r.metrics.get("correlation_ideal"),
                            predicted_residual_rms=r.metrics.get("predicted_residual_rms"))
-            rows.append({"iteration": k + 1, "true_residual_rms": loop.true_residual_rms(),
-                         "stacks": loop.stacks_acquired})
-        final = loop.acquire()
+            rows.append({"iteration": k + 1, "stacks": loop.stacks_acquired, **truth()})
+        final = loop.acquire()  # the measured metrics of the last state (not counted as a stack)
         fm = loop.metrics(final)
         rows[-1].update(null_depth=fm.get("null_depth"), correlation_ideal=fm.get("correlation_ideal"))
-        rows[0]["stacks"] = 0
         return {"rows": rows, "decisions": decisions, "iteration_s": times,
-                "stacks": loop.stacks_acquired, "ideal_null_depth": loop.ideal_null_depth()}
+                "stacks": loop.stacks_acquired - 1, "ideal_null_depth": loop.ideal_null_depth(),
+                "stop": loop.stop_reason}
 
 
 def _q(values: list[Any], q: float) -> float:
@@ -105,6 +125,8 @@ def summarise(trials: list[dict[str, Any]]) -> list[dict[str, float]]:
         table.append({
             "iteration": k,
             "residual_median": _q(col("true_residual_rms"), 50), "residual_p95": _q(col("true_residual_rms"), 95),
+            "true_null_depth_median": _q(col("true_null_depth"), 50),
+            "true_null_depth_p95": _q(col("true_null_depth"), 95),
             "null_depth_median": _q(col("null_depth"), 50), "null_depth_p95": _q(col("null_depth"), 95),
             "correlation_median": _q(col("correlation_ideal"), 50),
             "stacks_median": _q(col("stacks"), 50),
@@ -114,11 +136,13 @@ def summarise(trials: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 def format_table(table: list[dict[str, float]]) -> str:
     lines = [f"{'iter':>4} {'stacks':>6} {'residual median':>16} {'residual p95':>13} "
-             f"{'null median':>12} {'null p95':>9} {'corr median':>12}"]
+             f"{'true null med':>14} {'true null p95':>14} {'meas. null med':>15} {'meas. null p95':>15} "
+             f"{'corr median':>12}"]
     for r in table:
         lines.append(f"{r['iteration']:>4} {r['stacks_median']:>6.0f} {r['residual_median']:>16.4f} "
-                     f"{r['residual_p95']:>13.4f} {r['null_depth_median']:>12.4f} {r['null_depth_p95']:>9.4f} "
-                     f"{r['correlation_median']:>12.4f}")
+                     f"{r['residual_p95']:>13.4f} {r['true_null_depth_median']:>14.4f} "
+                     f"{r['true_null_depth_p95']:>14.4f} {r['null_depth_median']:>15.4f} "
+                     f"{r['null_depth_p95']:>15.4f} {r['correlation_median']:>12.4f}")
     return "\n".join(lines)
 
 
@@ -130,21 +154,24 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
 
     out.mkdir(parents=True, exist_ok=True)
     its = [r["iteration"] for r in table]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for t in trials:
         axes[0].plot(its, [row.get("true_residual_rms") or np.nan for row in t["rows"][: len(its)]],
                      color="0.8", lw=0.8)
-        axes[1].plot(its, [row.get("null_depth") or np.nan for row in t["rows"][: len(its)]], color="0.8", lw=0.8)
+        axes[1].plot(its, [row.get("true_null_depth") or np.nan for row in t["rows"][: len(its)]],
+                     color="0.8", lw=0.8)
     axes[0].plot(its, [r["residual_median"] for r in table], "o-", label="median")
     axes[0].plot(its, [r["residual_p95"] for r in table], "s--", label="95th percentile")
     axes[0].axhline(0.05, color="g", lw=0.8, ls=":", label="target median 0.05")
     axes[0].axhline(0.15, color="r", lw=0.8, ls=":", label="target p95 0.15")
     axes[0].set(xlabel="iteration", ylabel="true residual RMS (rad)", yscale="log", title=title)
-    axes[1].plot(its, [r["null_depth_median"] for r in table], "o-", label="median")
-    axes[1].plot(its, [r["null_depth_p95"] for r in table], "s--", label="95th percentile")
+    axes[1].plot(its, [r["true_null_depth_median"] for r in table], "o-", color="C0", label="true (beam), median")
+    axes[1].plot(its, [r["true_null_depth_p95"] for r in table], "s--", color="C0", label="true (beam), p95")
+    axes[1].plot(its, [r["null_depth_median"] for r in table], "o-", color="C1", label="measured (bead), median")
+    axes[1].plot(its, [r["null_depth_p95"] for r in table], "s--", color="C1", label="measured (bead), p95")
     floor = trials[0].get("ideal_null_depth")
     if floor:
-        axes[1].axhline(floor, color="k", lw=0.8, ls=":", label=f"unaberrated (bead) {floor:.3f}")
+        axes[1].axhline(floor, color="k", lw=0.8, ls=":", label=f"measured floor (bead, no noise) {floor:.3f}")
     axes[1].axhline(0.01, color="r", lw=0.8, ls=":", label="target 0.01")
     axes[1].set(xlabel="iteration", ylabel="null depth (centre / peak)", yscale="log")
     for ax in axes:
@@ -196,8 +223,11 @@ def run(args: argparse.Namespace) -> int:
     iter_s = [s for t in trials for s in t["iteration_s"]]
     summary = {
         "backend": args.backend, "corrector": args.corrector, "trials": len(trials), "iterations": iterations,
-        "seed": args.seed, "table": table, "ideal_null_depth": trials[0]["ideal_null_depth"],
+        "seed": args.seed, "aberration_rms": args.aberration_rms, "table": table,
+        "ideal_null_depth": trials[0]["ideal_null_depth"], "measured_null_floor": trials[0]["ideal_null_depth"],
+        "hidden_rms": [t["rows"][0]["true_residual_rms"] for t in trials],
         "iteration_s_median": float(np.median(iter_s)) if iter_s else None,
+        "iteration_s_p95": float(np.percentile(iter_s, 95)) if iter_s else None,
         "stacks_per_trial_median": float(np.median([t["stacks"] for t in trials])),
         "wall_s": time.perf_counter() - t_start, "per_trial": trials,
     }
@@ -209,6 +239,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_trial"}, indent=1, default=float))
     else:
         print(format_table(table))
-        print(f"iteration wall time median {summary['iteration_s_median']:.3f} s; "
-              f"unaberrated null depth with this bead {summary['ideal_null_depth']:.4f}")
+        print(f"dry-run iteration wall time median {summary['iteration_s_median']:.3f} s; measured null "
+              f"depth floor with this bead (perfect correction, no noise) {summary['ideal_null_depth']:.4f}")
     return 0

@@ -14,6 +14,7 @@ def register(subparsers: Any) -> None:
     add_settings_argument(p)
     p.add_argument("what", choices=["poke", "selfcheck", "both"], nargs="?", default="both")
     p.add_argument("--backend", choices=["sim", "micromanager"], default="sim")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default model.checkpoint)")
     p.add_argument("--out", default="poke_calibration.yaml", help="poke calibration file to write")
     p.add_argument("--amplitude", type=float, default=None, help="poke / self-check amplitude, rad")
     p.add_argument("--stage-step", type=float, default=0.2, help="stage poke, um (0: skip)")
@@ -28,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from hardware.factory import open_devices
 
     s = load_settings(args.settings)
-    s = s.replace(**{"hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"})
+    over: dict[str, Any] = {"hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"}
+    if args.checkpoint:
+        over["model.checkpoint"] = args.checkpoint
+    s = s.replace(**over)
     result: dict[str, Any] = {}
     ok = True
     with open_devices(s) as dev:

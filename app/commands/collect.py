@@ -14,6 +14,7 @@ def register(subparsers: Any) -> None:
     add_settings_argument(p)
     p.add_argument("--out", required=True, help="HDF5 file (appended when it exists)")
     p.add_argument("--backend", choices=["sim", "micromanager"], default="sim")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default model.checkpoint)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default: until the bead walks off)")
     p.add_argument("--random-aberration", type=float, default=0.0, help="fresh random aberration RMS per round, rad")
     p.add_argument("--no-model", action="store_true", help="record without predictions")
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     s = load_settings(args.settings)
     over: dict[str, Any] = {"hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"}
+    if args.checkpoint:
+        over["model.checkpoint"] = args.checkpoint
     if args.seed is not None and args.backend == "sim":
         over["simulation.seed"] = args.seed
     s = s.replace(**over)

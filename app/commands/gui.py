@@ -1,0 +1,45 @@
+"""``autoalign gui``: the alignment application window."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from app.cli import add_settings_argument
+
+    p = subparsers.add_parser(
+        "gui",
+        help="alignment application (live ortho-sections, SLM phase, auto-align, calibration)",
+        description="Open the alignment window. With --sim (or when settings.hardware.backend is "
+        "'simulated') it drives the simulated microscope with the shipped model. With "
+        "--screenshot it runs headless: --auto-align N iterations, saves a PNG of the window "
+        "and exits.",
+    )
+    add_settings_argument(p)
+    p.add_argument("--sim", action="store_true",
+                   help="use the simulated microscope and SLM whatever the settings say")
+    p.add_argument("--screenshot", metavar="PNG", default=None,
+                   help="save a PNG of the window after the auto-align iterations, then exit")
+    p.add_argument("--auto-align", type=int, default=0, metavar="N",
+                   help="with --screenshot: auto-align iterations to run first (default 0)")
+    p.add_argument("--gain", type=float, default=None,
+                   help="with --screenshot: loop gain (default: settings.loop.gain)")
+    p.add_argument("--corrector", choices=("model", "modal"), default="model",
+                   help="corrector to start with: the CNN model (default) or the classical "
+                   "model-free modal baseline (no model needed; 2N+1 stacks per iteration)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="with --screenshot: give up after this many seconds (default 300)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.gui import run_app, simulated_settings
+    from app.settings import load_settings
+
+    settings = load_settings(args.settings)
+    if args.sim:
+        settings = simulated_settings(settings)
+    if args.auto_align and not args.screenshot:
+        print("autoalign gui: --auto-align is used with --screenshot (ignored)")
+    return run_app(settings, screenshot=args.screenshot, auto_align=max(0, int(args.auto_align)),
+                   gain=args.gain, timeout_s=args.timeout, corrector=args.corrector)

@@ -1,0 +1,131 @@
+"""The alignment application (PyQt5 + pyqtgraph): :class:`MainWindow` over an
+:class:`AlignWorker` that owns the devices and the loop in its own thread. See ``docs/gui.md``."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def simulated_settings(settings: Any) -> Any:
+    """The settings with the simulated microscope and the simulated SLM selected."""
+    return settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
+
+
+def ensure_qt_platform(headless: bool) -> None:
+    """Use Qt's offscreen platform when asked to, or when there is no display at all."""
+    if "QT_QPA_PLATFORM" in os.environ:
+        return
+    no_display = sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    if headless or no_display:
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+
+def install_excepthook(window: Any) -> Any:
+    """An exception escaping a Qt slot would abort the process (PyQt5 >= 5.5 calls qFatal when
+    no ``sys.excepthook`` is set): log it in the window instead, and keep the application alive."""
+    import traceback
+
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb) -> None:  # noqa: ANN001
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(text)
+        try:
+            window.log.add(f"ERROR (unexpected, the application continues): "
+                           f"{exc_type.__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the window may be gone
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+    return previous
+
+
+def run_app(settings: Any, screenshot: str | None = None, auto_align: int = 0,
+            gain: float | None = None, timeout_s: float = 300.0, corrector: str = "model") -> int:
+    """Open the window and run the Qt event loop; returns the exit code.
+
+    With ``screenshot``: run ``auto_align`` iterations (after an initial acquisition), save a PNG
+    of the window to ``screenshot`` and quit (1 when anything failed or ``timeout_s`` passed).
+    ``corrector``: ``"model"`` (the CNN) or ``"modal"`` (the classical baseline) to start with."""
+    ensure_qt_platform(headless=screenshot is not None)
+    from PyQt5 import QtCore, QtWidgets
+
+    from app.gui.main_window import MainWindow
+    from app.gui.worker import AlignWorker
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
+    app.setApplicationName("autoalign")
+    window = MainWindow(settings, worker=AlignWorker(settings, corrector=corrector))
+    previous_hook = install_excepthook(window)
+    try:
+        window.show()
+        if screenshot is None:
+            return int(app.exec_())
+        return _screenshot_mode(app, window, screenshot, auto_align, gain, timeout_s)
+    finally:
+        sys.excepthook = previous_hook
+
+
+def _screenshot_mode(app: Any, window: Any, screenshot: str, auto_align: int,
+                     gain: float | None, timeout_s: float) -> int:
+    """Acquire, auto-align, save a PNG of the window, close it; returns the exit code."""
+    from PyQt5 import QtCore
+
+    # a local event loop, not app.exec_()/app.quit(): quitting the application would leave Qt's
+    # "quit now" flag set and break any later event loop in the same process (tests)
+    loop = QtCore.QEventLoop()
+    state = {"code": 0, "stage": "open"}
+
+    def shoot() -> None:
+        if state["stage"] == "closed":
+            return
+        if not window.save_screenshot(screenshot):
+            state["code"] = 1
+        state["stage"] = "closed"
+        window.close()
+        loop.quit()
+
+    def step(task: str, result: Any) -> None:
+        failed = result is None and task in {t for t, _ in window.errors}
+        if failed:
+            state["code"] = 1
+        if state["stage"] == "open" and task == "open":
+            if not window.loop_ready:
+                state["code"] = 1
+                QtCore.QTimer.singleShot(200, shoot)
+                return
+            state["stage"] = "acquire"
+            window.acquire()
+        elif state["stage"] == "acquire" and task == "acquire":
+            if auto_align > 0:
+                state["stage"] = "run"
+                window.auto_align(iterations=auto_align, gain=gain)
+            else:
+                state["stage"] = "done"
+                QtCore.QTimer.singleShot(300, shoot)
+        elif state["stage"] == "run" and task == "run":
+            state["stage"] = "done"
+            QtCore.QTimer.singleShot(500, shoot)   # let the last plots repaint
+
+    window.task_finished.connect(step)
+
+    def give_up() -> None:
+        if state["stage"] == "closed":
+            return
+        window.log.add(f"ERROR: screenshot mode timed out after {timeout_s:.0f} s")
+        state["code"] = 1
+        shoot()
+
+    timer = QtCore.QTimer()
+    timer.setSingleShot(True)
+    timer.timeout.connect(give_up)
+    timer.start(int(timeout_s * 1000))
+    loop.exec_()
+    timer.stop()
+    window.task_finished.disconnect(step)
+    return state["code"]
+
+
+__all__ = ["run_app", "simulated_settings", "ensure_qt_platform", "install_excepthook"]

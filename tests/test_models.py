@@ -1,0 +1,222 @@
+"""Networks, section preparation, noise, checkpoints (optics lock, tampering, corruption) and the
+Predictor API the loop uses."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.settings import load_settings
+from models.data import NoiseTransform, add_noise_numpy, bin_sections, prepare_sections
+from models.networks import NETWORKS, build_network
+from models.predictor import (
+    CheckpointError, Prediction, Predictor, build_model, optics_lock, read_checkpoint, save_checkpoint,
+)
+
+OFFSET_NETS = {"OffsetNet2", "OffsetNet13", "MultiOffsetNet13"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One torch thread: tiny tensors gain nothing from two, and on a shared 2-core machine two
+    OpenMP threads fighting for one core are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sections(rng, n=64, peak=1000.0, bg=8.0):
+    from simulation import PSFSimulator
+
+    sim = PSFSimulator.from_settings(pupil_samples=32)
+    c = np.zeros(15)
+    c[4:15] = rng.uniform(-0.2, 0.2, 11)
+    return rng.poisson(sim.orthosections(c) * peak + bg).astype(np.float32)
+
+
+def test_prepare_sections_is_scale_invariant_and_binned():
+    rng = np.random.default_rng(0)
+    x = _sections(rng)
+    a = prepare_sections(x, 2)
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32
+    np.testing.assert_allclose(prepare_sections(7.5 * x, 2), a, atol=1e-5)
+    assert abs(a.max() - 1.0) < 1e-6
+    assert abs(np.median(a[0, :2])) < 0.05  # background removed (border)
+    batch = torch.from_numpy(np.stack([x, 3 * x]))
+    b = prepare_sections(batch, 2)
+    assert isinstance(b, torch.Tensor) and b.shape == (2, 3, 32, 32)
+    np.testing.assert_allclose(b[0].numpy(), a, atol=1e-5)
+    np.testing.assert_allclose(b[1].numpy(), a, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        prepare_sections(np.zeros((2, 8, 8)), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_sections(np.full((3, 8, 8), np.nan), 2)
+
+
+def test_noise_on_binned_pixels_matches_binned_noise():
+    """Poisson + read noise drawn on 2x2-binned intensities has the mean and variance of noise
+    drawn per pixel and then binned (what the loader relies on)."""
+    intensity = np.full((2000, 3, 4, 4), 0.05, np.float32)
+    peak, bg = np.full(2000, 800.0), np.full(2000, 6.0)
+    full = add_noise_numpy(intensity, peak, bg, 0.8, 1.5, np.random.default_rng(1))
+    ref = bin_sections(torch.from_numpy(full), 2).numpy()
+    t = NoiseTransform(0.8, 1.5, binning=2, read_noise_scale=(1.0, 1.0))
+    binned = t(bin_sections(torch.from_numpy(intensity), 2), torch.tensor(peak, dtype=torch.float32),
+               torch.tensor(bg, dtype=torch.float32), torch.Generator().manual_seed(0)).numpy()
+    assert abs(binned.mean() / ref.mean() - 1) < 0.01
+    assert abs(binned.var() / ref.var() - 1) < 0.05
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_architecture_output_shape_and_eval_determinism(name):
+    torch.manual_seed(0)
+    offset = name in OFFSET_NETS
+    net = build_network(name, 11, predict_offset=offset, input_size=32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = net(x), net(x)
+    assert a.shape == (4, 13 if offset else 11)
+    assert torch.equal(a, b)
+    assert any(isinstance(m, torch.nn.Dropout) for m in net.modules()) or name == "ResNet"
+    # output size follows the mode list
+    assert build_network(name, 3, predict_offset=True, input_size=16).eval()(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_single_section_nets_ignore_other_sections():
+    net = build_network("Net11", 11).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = x.clone()
+    y[:, 1:] = 0
+    with torch.no_grad():
+        assert torch.equal(net(x), net(y))
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_network("Net99", 11)
+    with pytest.raises(ValueError, match="offset"):
+        build_network("OffsetNet13", 11, predict_offset=False)
+
+
+def _checkpoint(settings, arch="Net11", predict_offset=False):
+    torch.manual_seed(1)
+    modes = list(settings.model.modes)
+    model = build_model(arch, len(modes), predict_offset, settings.camera.roi_px // settings.model.binning,
+                        {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]})
+    return {"arch": arch, "modes": modes, "predict_offset": predict_offset,
+            "n_outputs": len(modes) + 2 * predict_offset, "input_size": settings.camera.roi_px // settings.model.binning,
+            "binning": settings.model.binning, "normalisation": {"mean": [0.1] * 3, "std": [0.2] * 3},
+            "optics": optics_lock(settings), "training": {"epochs": 0}, "epoch": 0, "history": [],
+            "state_dict": model.state_dict(), "optimizer_state": torch.optim.Adam(model.parameters()).state_dict()}
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(_checkpoint(load_settings()), path)
+    return path
+
+
+def test_checkpoint_is_plain_and_predictor_api(ckpt_path):
+    raw = torch.load(ckpt_path, weights_only=True)
+    assert raw["format"].startswith("autoalign-checkpoint") and raw["arch"] == "Net11"
+    settings = load_settings()
+    p = Predictor.load(str(ckpt_path), settings)
+    assert p.modes == list(range(5, 16)) and p.predicts_offset is False
+    x = _sections(np.random.default_rng(2))
+    pred = p.predict(x)
+    assert isinstance(pred, Prediction) and pred.mask_offset is None
+    assert sorted(pred.coefficients) == p.modes
+    assert all(isinstance(v, float) and np.isfinite(v) for v in pred.coefficients.values())
+    batch = p.predict_batch(np.stack([x, 2 * x]))
+    assert batch.shape == (2, 11)
+    np.testing.assert_allclose(batch[0], batch[1], atol=1e-5)  # scale-invariant input
+    np.testing.assert_allclose(batch[0], [pred.coefficients[m] for m in p.modes], atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        p.predict(np.zeros((3, 32, 32)))
+
+
+def test_offset_prediction(tmp_path):
+    s = load_settings().replace(**{"model.predict_offset": True})
+    path = save_checkpoint(_checkpoint(s, "MultiOffsetNet13", True), tmp_path / "off.pt")
+    p = Predictor.load(path, s)
+    pred = p.predict(_sections(np.random.default_rng(3)))
+    assert p.predicts_offset and len(pred.mask_offset) == 2
+    assert p.predict_batch(np.zeros((1, 3, 64, 64)) + 1).shape == (1, 13)
+
+
+def test_relative_path_resolves_against_repository(ckpt_path, monkeypatch):
+    import models.predictor as mp
+
+    monkeypatch.setattr(mp, "REPO_ROOT", ckpt_path.parent)
+    s = load_settings().replace(**{"model.checkpoint": ckpt_path.name})
+    assert Predictor.load(None, s).path == ckpt_path
+
+
+def test_mismatched_checkpoint_is_refused_listing_differences(ckpt_path):
+    other = load_settings().replace(**{
+        "optics.wavelength_um": 0.66, "camera.pixel_size_um": 0.05, "stack.z_step_um": 0.05,
+        "model.modes": [5, 6, 7], "dataset.modes": [5, 6, 7]})
+    with pytest.raises(CheckpointError) as exc:
+        Predictor.load(ckpt_path, other)
+    msg = str(exc.value)
+    assert str(ckpt_path) in msg and "4 difference" in msg
+    for key in ("wavelength_um", "pixel_size_um", "z_step_um", "modes"):
+        assert key in msg
+    forced = Predictor.load(ckpt_path, other, force=True)
+    assert len(forced.lock_differences) == 4 and forced.modes == list(range(5, 16))
+
+
+def test_tampered_corrupt_and_foreign_checkpoints(ckpt_path, tmp_path):
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 0.01
+    tampered = tmp_path / "tampered.pt"
+    torch.save(ckpt, tampered)
+    with pytest.raises(CheckpointError, match=r"tampered\.pt: checksum mismatch"):
+        Predictor.load(tampered, load_settings())
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["modes"] = list(range(5, 16))[::-1]
+    torch.save(ckpt, tampered)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        read_checkpoint(tampered)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(ckpt_path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"corrupt\.pt: not a readable checkpoint"):
+        read_checkpoint(corrupt)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt"):
+        read_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pt: not an autoalign checkpoint"):
+        read_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_inference_benchmark(ckpt_path):
+    from models.benchmark import inference_benchmark
+
+    r = inference_benchmark(str(ckpt_path), load_settings(), repeats=5, batch=8, batch_repeats=2)
+    assert r["single_ms_median"] > 0 and r["batch"] == 8 and r["batch_triplets_per_s"] > 0
+
+
+DEFAULT = Path(__file__).resolve().parent.parent / "models" / "weights" / "default.pt"
+
+
+@pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped default model")
+def test_shipped_default_model_reads_aberrations():
+    """The shipped model, loaded as the loop loads it, reads fresh simulated aberrations."""
+    from simulation.dataset import generate_chunk
+
+    s = load_settings()
+    p = Predictor.load(None, s)
+    assert p.modes == list(s.model.modes)
+    d = generate_chunk(s, 987, 0, 16)
+    photons = add_noise_numpy(d["img"], np.full(16, 2000.0), np.full(16, 5.0), 0.8, 1.5, np.random.default_rng(0))
+    pred = p.predict_batch(photons)[:, : len(p.modes)]
+    rmse = np.sqrt(((pred - d["labels"][:, : len(p.modes)]) ** 2).mean())
+    assert rmse < 0.1, rmse

@@ -1,0 +1,99 @@
+"""Training end to end on a tiny data set: the validation loss drops, checkpoints/logs are
+written, resume and warm start work, evaluation and the commands run."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from app.settings import load_settings
+from models.data import NoiseTransform, PSFDataset, compute_normalisation
+from models.predictor import Predictor, build_model
+from models.train import evaluate_loss, train
+from simulation.dataset import write_dataset
+
+SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
+         "dataset.modes": [5, 7, 11], "model.modes": [5, 7, 11], "dataset.max_coefficient_rad": 0.8,
+         "dataset.peak_photons_range": [2000.0, 5000.0], "model.architecture": "Net11"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # one thread: on a shared 2-core machine two OpenMP threads fighting for one core are ~5x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = load_settings().replace(**SMALL)
+    root = tmp_path_factory.mktemp("train")
+    data = write_dataset(s, 500, root / "data.h5", seed=0, workers=1, progress=False)
+    yield s, data, root
+    torch.set_num_threads(threads)
+
+
+def test_tiny_training_lowers_validation_loss(setup):
+    s, data, root = setup
+    out = root / "run"
+    summary = train(data, out, s, epochs=6, batch=32, lr=2e-3, seed=0, progress=False)
+    # untrained model of the same seed, same validation noise
+    ds = PSFDataset(data, "val", NoiseTransform.from_settings(s, 2), 2)
+    torch.manual_seed(0)
+    fresh = build_model("Net11", 3, False, 16, compute_normalisation(PSFDataset(data, "train", ds.transform, 2)))
+    initial, _ = evaluate_loss(fresh, ds, 3, 64, torch.device("cpu"))
+    zero = float((ds.labels**2).mean(0).sum())  # loss of always predicting 0
+    assert summary["best_val_loss"] < 0.5 * initial
+    assert summary["best_val_loss"] < 0.75 * zero, (summary["best_val_loss"], zero)
+    for name in ("best.pt", "last.pt", "log.csv"):
+        assert (out / name).exists()
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    raw = torch.load(out / "best.pt", weights_only=True)
+    assert raw["arch"] == "Net11" and raw["modes"] == [5, 7, 11] and "optimizer_state" in raw
+    assert raw["optics"]["roi_px"] == 32 and raw["training"]["epochs"] == 6
+    p = Predictor.load(out / "best.pt", s)
+    assert p.modes == [5, 7, 11]
+
+
+def test_resume_and_warm_start(setup):
+    s, data, root = setup
+    out = root / "resume"
+    train(data, out, s, epochs=1, batch=64, seed=1, progress=False, tensorboard=False)
+    summary = train(data, out, s, epochs=2, batch=64, seed=1, progress=False, resume=out / "last.pt",
+                    tensorboard=False)
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert len(list(csv.DictReader(open(out / "log.csv")))) == 2
+    warm = train(data, root / "warm", s, epochs=1, batch=64, seed=2, progress=False,
+                 warm_start=out / "best.pt", tensorboard=False, export=root / "exported.pt")
+    assert warm["epochs"] == 1
+    exported = torch.load(root / "exported.pt", weights_only=True)
+    assert "optimizer_state" not in exported
+    Predictor.load(root / "exported.pt", s)
+
+
+def test_evaluate_and_commands(setup, capsys):
+    from app.cli import main
+    from models.evaluate import evaluate, to_json
+
+    s, data, root = setup
+    cfg = root / "small.yaml"
+    cfg.write_text(s.to_yaml())
+    out = root / "cli"
+    assert main(["train", "--data", str(data), "--out", str(out), "--settings", str(cfg), "--epochs", "1",
+                 "--quiet", "--no-tensorboard"]) == 0
+    assert (out / "training_curve.png").exists()
+    r = evaluate(out / "best.pt", data, "test", resimulate=4)
+    assert set(r["per_mode"]) == {"Z5", "Z7", "Z11"} and r["samples"] == 50
+    assert 0 < r["correlation"]["true"]["median"] <= 1
+    assert r["correlation"]["true"]["median"] > 0.9  # re-simulation reproduces the input
+    json.loads(to_json(r))
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(data), "--json",
+                 "--resimulate", "2", "--plots", str(root / "plots")]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["split"] == "test" and "rmse_mean" in j and (root / "plots" / "scatter.png").exists()
+    # a checkpoint for other optics is refused by evaluate (the data's settings)
+    other = s.replace(**{"optics.wavelength_um": 0.66})
+    from models.predictor import CheckpointError
+
+    with pytest.raises(CheckpointError, match="wavelength_um"):
+        evaluate(out / "best.pt", data, settings=other, resimulate=0)
+    assert np.isfinite(evaluate(out / "best.pt", data, settings=other, force=True, resimulate=0)["rmse_mean"])
