@@ -83,60 +83,6 @@ def draw_aberration(
     return out
 
 
-class _FastStack:
-    """Batched rendering of many focal planes with one pupil phase: all planes in two matrix
-    products (about 3x faster than :meth:`PSFSimulator.stack`'s chunks of 8). It reads the
-    simulator's quadrature tables; when those are unavailable it falls back to the public API
-    (tests compare both)."""
-
-    def __init__(self, sim: PSFSimulator) -> None:
-        self.sim = sim
-        try:
-            n = sim.n_px
-            self.pupil_field = sim._pupil_field[0].detach().cpu().to(torch.complex64).contiguous()  # (Na, 3, Nc)
-            self.kz = np.asarray(sim._kz_np, dtype=np.float64)  # (Na, Nc)
-            self.ky = sim._grid["chord"][..., :n].detach().cpu().to(torch.complex64).contiguous()  # (Na, Nc, n)
-            self.fx = sim._grid["fx"].detach().cpu().to(torch.complex64).contiguous()  # (n, Na)
-            self.peak = float(sim._peak)
-            self.basis = sim._basis.cpu().numpy().reshape((sim.n_modes,) + sim._u.shape)[:, 0]
-            self.ok = self.pupil_field.shape[0] == self.kz.shape[0] == self.fx.shape[1] == self.ky.shape[0]
-        except (AttributeError, KeyError, TypeError, IndexError):  # pragma: no cover - API drift
-            self.ok = False
-
-    def intensity(self, coefficients: np.ndarray, z_um: np.ndarray, pupil_phase: np.ndarray) -> np.ndarray:
-        """Normalised intensity (nz, n, n) at planes ``z_um`` for coefficients (Noll 1..n_modes)
-        plus ``pupil_phase`` (2, Na, Nc) at the nodes, without the beam's own mask."""
-        z = np.asarray(z_um, dtype=float).ravel()
-        if not self.ok:
-            return self.sim.stack(coefficients, z_um=z, pupil_phase=pupil_phase, include_mask=False)
-        n = self.sim.n_px
-        n_a, n_c = self.kz.shape
-        phase = np.tensordot(np.asarray(coefficients, dtype=float), self.basis, axes=1) + pupil_phase[0]
-        out = np.empty((len(z), n, n), dtype=np.float32)
-        threads = torch.get_num_threads()
-        # One thread: these small products gain little from two, and on a busy machine torch's
-        # spinning worker threads make them 10x slower.
-        torch.set_num_threads(1)
-        try:
-            self._render(phase, z, out, n, n_a, n_c)
-        finally:
-            torch.set_num_threads(threads)
-        return out
-
-    def _render(self, phase: np.ndarray, z: np.ndarray, out: np.ndarray, n: int, n_a: int, n_c: int) -> None:
-        chunk = 32
-        with torch.no_grad():  # torch: its batched complex products are ~10x numpy's stacked matmul
-            for s in range(0, len(z), chunk):
-                zz = z[s : s + chunk]
-                total = torch.from_numpy(phase[None] + self.kz[None] * zz[:, None, None]).to(torch.float32)
-                scal = torch.polar(torch.ones_like(total), total)  # (nz, Na, Nc)
-                a = self.pupil_field[:, None] * scal.transpose(0, 1)[:, :, None, :]  # (Na, nz, 3, Nc)
-                d = torch.bmm(a.reshape(n_a, -1, n_c), self.ky)  # (Na, nz 3, n_y)
-                f = (self.fx @ d.reshape(n_a, -1)).reshape(n, len(zz), 3 * n)  # (x, z, c y)
-                inten = torch.view_as_real(f).square().sum(dim=-1).reshape(n, len(zz), 3, n).sum(dim=2)
-                out[s : s + chunk] = (inten.permute(1, 2, 0) / self.peak).numpy()
-
-
 class SimulatedMicroscope:
     """The simulated microscope's hidden truth and its renderer (see the module docstring).
 
@@ -179,7 +125,6 @@ class SimulatedMicroscope:
         self._drift_rng = np.random.default_rng(drift_seq)
         self.noise_rng = np.random.default_rng(noise_seq)
         self.simulator = simulator_for(s)
-        self._fast = _FastStack(self.simulator)
         self.n_modes = self.simulator.n_modes
         self.camera_model = CameraModel.from_settings(s)
         self.pixel_size_um = float(s.camera.pixel_size_um)
@@ -348,7 +293,15 @@ class SimulatedMicroscope:
         if self._far_away():
             inten = np.zeros((len(z), n, n))
         else:
-            inten = self._fast.intensity(self._coefficients(), z - self._bead[2], self.pupil_phase())
+            # One torch thread: these small products gain little from two, and on a busy machine
+            # torch's spinning worker threads make them ~10x slower.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                inten = self.simulator.stack(self._coefficients(), z_um=z - self._bead[2],
+                                             pupil_phase=self.pupil_phase(), include_mask=False)
+            finally:
+                torch.set_num_threads(threads)
         return blur_by_bead(inten, self.settings.camera.bead_diameter_um, self.pixel_size_um)
 
     def intensity_per_plane(self, z_um: float) -> np.ndarray:
