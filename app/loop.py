@@ -548,11 +548,8 @@ class AlignmentLoop:
         try:
             z = (np.arange(self.settings.stack.planes) - self.settings.stack.planes // 2) * self.settings.stack.z_step_um
             coeffs = np.asarray(mic.aberration, dtype=float)
-            fast = getattr(mic, "_fast", None)  # the microscope's batched renderer (no public no-bead API)
-            if fast is not None and getattr(fast, "ok", False):
-                inten = fast.intensity(coeffs, z, mic.pupil_phase())
-            else:
-                inten = mic.simulator.stack(coeffs, z_um=z, pupil_phase=mic.pupil_phase(), include_mask=False)
+            # the microscope's own renderer, without the bead's offset (tip/tilt), blur or noise
+            inten = mic.simulator.stack(coeffs, z_um=z, pupil_phase=mic.pupil_phase(), include_mask=False)
             inten = np.asarray(inten, dtype=float)
             centre = cen.robust_stack_centroid(inten + 1e-6)
             return true_focal_null_depth(cen.centred_sections(inten, centre, fill=0.0)[0])
