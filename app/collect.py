@@ -156,7 +156,7 @@ class BeadWalk:
         n = s.camera.roi_px
         writer = CollectionFile(self.out_path, s, (s.stack.planes, n, n))
         start = writer.rounds()
-        loop._stop.clear()
+        loop.clear_stop()
         total = self.rounds or 0
         modes = list(s.dataset.modes)
         i = 0

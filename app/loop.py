@@ -327,6 +327,10 @@ class AlignmentLoop:
         """Ask the loop to stop; honoured between steps (thread-safe)."""
         self._stop.set()
 
+    def clear_stop(self) -> None:
+        """Forget an earlier :meth:`stop` (called at the start of every new request)."""
+        self._stop.clear()
+
     def _check_stop(self) -> None:
         if self._stop.is_set():
             raise LoopStopped()
@@ -744,7 +748,7 @@ class AlignmentLoop:
         restored), too many refused measurements, a stop request or a device failure (the SLM
         keeps the last good mask). Returns this run's records; ``stop_reason`` says why it ended."""
         total = int(iterations or self.settings.loop.max_iterations)
-        self._stop.clear()
+        self.clear_stop()
         self.stop_reason = ""
         self.last_error = None
         records: list[IterationRecord] = []

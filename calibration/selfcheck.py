@@ -117,7 +117,8 @@ def diagnose(response: np.ndarray, modes: list[int], min_gain: float = 0.4,
         t = _transform_matrix(modes, name)
         scale = max(float(np.sum(r * t) / np.sum(t * t)), 0.0)
         scores[name] = float(np.linalg.norm(r - scale * t) / max(np.linalg.norm(t), 1e-9))
-    best = min(scores, key=scores.get)
+    # on a tie (modes that a flip leaves unchanged) the identity wins: nothing contradicts it
+    best = min(scores, key=lambda k: (round(scores[k], 9), k != "identity"))
     gain = float(np.mean(np.diag(r) * np.diag(_transform_matrix(modes, best))))
     if gain < min_gain or scores[best] > 0.8:
         return "no consistent convention (wrong vortex handedness, wrong mask, or a model not " \

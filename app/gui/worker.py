@@ -185,9 +185,8 @@ class AlignWorker(QtCore.QObject):
     def _clear_stop(self) -> None:
         """Forget a Stop pressed before this request (the loop's flag stays set after a stop,
         and single steps such as correct_once or the self-check honour it)."""
-        flag = getattr(self.loop, "_stop", None)
-        if isinstance(flag, threading.Event):
-            flag.clear()
+        if self.loop is not None:
+            self.loop.clear_stop()
 
     def _emit_state(self) -> None:
         loop = self.loop
