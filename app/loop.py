@@ -101,7 +101,7 @@ class Correction:
 class Measurement:
     """One acquired and analysed stack."""
 
-    stack: Stack
+    stack: Stack | None                   # None in history records older than keep_raw_stacks
     sections: np.ndarray                  # (3, n, n) photons, background kept, re-centred
     centroid: cen.Centroid | None         # offsets from the ROI centre (px, planes)
     valid: bool
@@ -326,6 +326,16 @@ class AlignmentLoop:
     def stop(self) -> None:
         """Ask the loop to stop; honoured between steps (thread-safe)."""
         self._stop.set()
+
+    #: raw stacks kept in :attr:`history` (older records keep sections, metrics and decisions; the
+    #: bead walk writes every raw stack to its file), so a long session does not grow ~2 MB/iteration
+    keep_raw_stacks: int = 5
+
+    def _drop_old_stacks(self) -> None:
+        old = self.history[: -self.keep_raw_stacks] if self.keep_raw_stacks else self.history
+        for record in old:
+            if record.measurement.stack is not None:
+                record.measurement.stack = None
 
     def clear_stop(self) -> None:
         """Forget an earlier :meth:`stop` (called at the start of every new request)."""
@@ -685,6 +695,7 @@ class AlignmentLoop:
             r = IterationRecord(it, m, pred, off, self.correction.copy(), metrics, decision,
                                 self.stacks_acquired - stacks0, time.perf_counter() - t0)
             self.history.append(r)
+            self._drop_old_stacks()
             self._log("iteration %d: %s", it, decision, level=logging.INFO if decision == "applied" else logging.WARNING)
             _call(self.callbacks, "on_iteration", r)
             return r

@@ -269,3 +269,17 @@ def test_loop_converges_with_shipped_model_on_simulated_microscope():
         assert loop.true_residual_rms() < 0.1
         assert records[-1].metrics["true_null_depth"] < 0.01
         assert records[-1].metrics["predicted_residual_rms"] < 0.15
+
+
+def test_history_keeps_only_recent_raw_stacks():
+    """A long session must not hold every raw stack (about 2 MB each) in memory."""
+    from app.loop import AlignmentLoop, IterationRecord, Measurement
+
+    loop = AlignmentLoop.__new__(AlignmentLoop)
+    loop.history = []
+    loop.keep_raw_stacks = 2
+    for i in range(4):
+        m = Measurement(stack=object(), sections=None, centroid=None, valid=False, reason="x", photons=0.0)
+        loop.history.append(IterationRecord(i, m, None, None, None, {}, "refused", 1, 0.0))
+        loop._drop_old_stacks()
+    assert [r.measurement.stack is None for r in loop.history] == [True, True, False, False]
