@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 from app.settings import SettingsError
 
@@ -44,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
 def add_settings_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--settings`` option every subcommand shares."""
     parser.add_argument("--settings", default=None, help="settings YAML (default: settings.yaml)")
+
+
+def device_settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """Settings for a command that opens devices: ``args.settings`` with ``hardware.backend``
+    from ``args.backend`` ('sim' or 'micromanager'), ``model.checkpoint`` from
+    ``args.checkpoint`` when given, and any further dotted-key ``overrides``."""
+    from app.settings import load_settings
+
+    over: dict[str, Any] = {
+        "hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"
+    }
+    if getattr(args, "checkpoint", None):
+        over["model.checkpoint"] = args.checkpoint
+    over.update(overrides)
+    return load_settings(args.settings).replace(**over)
 
 
 def main(argv: list[str] | None = None) -> int:

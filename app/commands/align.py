@@ -45,20 +45,15 @@ def register(subparsers: Any) -> None:
 
 
 def _settings_for(args: argparse.Namespace, trial: int) -> Any:
-    from app.settings import load_settings
+    from app.cli import device_settings
 
-    s = load_settings(args.settings)
-    over: dict[str, Any] = {}
     if args.backend == "micromanager":
-        over["hardware.backend"] = "micromanager"
-    else:
-        over["hardware.backend"] = "simulated"
-        over["simulation.seed"] = (s.simulation.seed if args.seed is None else args.seed) + trial
-        if args.aberration_rms is not None:
-            over["simulation.aberration_rms_rad"] = trial_rms(args.aberration_rms, over["simulation.seed"])
-    if args.checkpoint:
-        over["model.checkpoint"] = args.checkpoint
-    return s.replace(**over)
+        return device_settings(args)
+    base = device_settings(args)
+    over: dict[str, Any] = {"simulation.seed": (base.simulation.seed if args.seed is None else args.seed) + trial}
+    if args.aberration_rms is not None:
+        over["simulation.aberration_rms_rad"] = trial_rms(args.aberration_rms, over["simulation.seed"])
+    return base.replace(**over)
 
 
 def trial_rms(spec: str | float, seed: int) -> float:

@@ -25,14 +25,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from app.loop import AlignmentLoop
-    from app.settings import load_settings
+    from app.cli import device_settings
     from hardware.factory import open_devices
 
-    s = load_settings(args.settings)
-    over: dict[str, Any] = {"hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"}
-    if args.checkpoint:
-        over["model.checkpoint"] = args.checkpoint
-    s = s.replace(**over)
+    s = device_settings(args)
     result: dict[str, Any] = {}
     ok = True
     with open_devices(s) as dev:

@@ -25,16 +25,11 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from app.collect import BeadWalk
     from app.loop import AlignmentLoop
-    from app.settings import load_settings
+    from app.cli import device_settings
     from hardware.factory import open_devices
 
-    s = load_settings(args.settings)
-    over: dict[str, Any] = {"hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"}
-    if args.checkpoint:
-        over["model.checkpoint"] = args.checkpoint
-    if args.seed is not None and args.backend == "sim":
-        over["simulation.seed"] = args.seed
-    s = s.replace(**over)
+    seeded = args.seed is not None and args.backend == "sim"
+    s = device_settings(args, **({"simulation.seed": args.seed} if seeded else {}))
     with open_devices(s) as dev:
         loop = AlignmentLoop(dev, s, corrector="model")
         walk = BeadWalk(loop, args.out, rounds=args.rounds, random_aberration_rms=args.random_aberration,
