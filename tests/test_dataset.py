@@ -20,14 +20,7 @@ SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
          "dataset.modes": [5, 7, 11], "model.modes": [5, 7, 11]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: tiny tensors gain nothing from two, and on a shared 2-core machine two
-    OpenMP threads fighting for one core are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

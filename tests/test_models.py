@@ -16,14 +16,7 @@ from models.predictor import (
 OFFSET_NETS = {"OffsetNet2", "OffsetNet13", "MultiOffsetNet13"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread: tiny tensors gain nothing from two, and on a shared 2-core machine two
-    OpenMP threads fighting for one core are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sections(rng, n=64, peak=1000.0, bg=8.0):
