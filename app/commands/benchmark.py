@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,14 +88,11 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.settings)
     result = {"simulator": simulator_benchmark(settings, args.batch, args.repeats)}
     if not args.skip_model:
-        try:
-            from models.benchmark import inference_benchmark
-        except ImportError:
-            inference_benchmark = None
-        ckpt = Path(settings.model.checkpoint)
-        if not ckpt.is_absolute():
-            ckpt = Path(__file__).resolve().parents[2] / ckpt
-        if inference_benchmark is not None and ckpt.exists():
+        from models.benchmark import inference_benchmark
+        from models.predictor import resolve_checkpoint_path
+
+        ckpt = resolve_checkpoint_path(None, settings)
+        if ckpt.exists():
             result["inference"] = inference_benchmark(str(ckpt), settings)
         else:
             result["inference"] = None
