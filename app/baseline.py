@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.centroid import background_and_noise
+from autoalign.calibration.centroid import background_and_noise
 
 log = logging.getLogger("autoalign.baseline")
 
@@ -76,7 +76,7 @@ class ModalCorrector:
 
     def measure(self, m: Any) -> float:
         """The metric of an analysed measurement (higher is better); NaN when invalid."""
-        from app.loop import correlation, null_depth
+        from autoalign.app.loop import correlation, null_depth
 
         if not m.valid:
             return float("nan")
@@ -90,7 +90,7 @@ class ModalCorrector:
         """Aberration estimate {mode: rad} around the loop's current correction, from the
         unbiased measurement ``m0`` and 2 biased stacks per mode. The SLM shows the loop's
         correction again afterwards (also after a stop request or a camera failure)."""
-        from app.loop import LoopStopped
+        from autoalign.app.loop import LoopStopped
 
         loop = self.loop
         base = loop.correction.copy()

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any
 
-from app.settings import SettingsError
+from autoalign.settings import SettingsError
 
 # Subcommand modules, in help order. A module listed here that does not exist yet is skipped.
 COMMAND_MODULES = [
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"app.commands.{name}")
+            module = importlib.import_module(f"autoalign.app.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"app.commands.{name}":
+            if exc.name == f"autoalign.app.commands.{name}":
                 continue
             raise
         module.register(sub)
@@ -51,7 +51,7 @@ def device_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     """Settings for a command that opens devices: ``args.settings`` with ``hardware.backend``
     from ``args.backend`` ('sim' or 'micromanager'), ``model.checkpoint`` from
     ``args.checkpoint`` when given, and any further dotted-key ``overrides``."""
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     over: dict[str, Any] = {
         "hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"

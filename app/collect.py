@@ -31,8 +31,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from app.loop import Correction, LoopStopped, RefusedError, _call
-from hardware.base import DeviceError
+from autoalign.app.loop import Correction, LoopStopped, RefusedError, _call
+from autoalign.hardware.base import DeviceError
 
 log = logging.getLogger("autoalign.collect")
 

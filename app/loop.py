@@ -29,9 +29,10 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from calibration import centroid as cen
-from calibration import optics as opt
-from hardware.base import DeviceError, SLMInputError, Stack
+from autoalign.calibration import centroid as cen
+from autoalign.calibration import optics as opt
+from autoalign.correction import Correction
+from autoalign.hardware.base import DeviceError, SLMInputError, Stack
 
 log = logging.getLogger("autoalign.loop")
 
@@ -39,64 +40,6 @@ TTD_MODES = (2, 3, 4)
 
 
 # ============================================================================ data
-@dataclass
-class Correction:
-    """Correction applied on top of the vortex mask (pure data, radians / pupil radii)."""
-
-    coefficients: dict[int, float] = field(default_factory=dict)
-    mask_offset: tuple[float, float] = (0.0, 0.0)
-
-    def copy(self) -> "Correction":
-        return Correction(dict(self.coefficients), tuple(self.mask_offset))
-
-    def rms(self) -> float:
-        """RMS (rad) of the higher-order part, Noll >= 5."""
-        return float(math.sqrt(sum(v * v for k, v in self.coefficients.items() if k >= 5)))
-
-    def is_finite(self) -> bool:
-        return all(math.isfinite(v) for v in self.coefficients.values()) and all(
-            math.isfinite(v) for v in self.mask_offset
-        )
-
-    def plus(self, delta: dict[int, float], offset_delta: tuple[float, float] = (0.0, 0.0)) -> "Correction":
-        out = dict(self.coefficients)
-        for k, v in delta.items():
-            out[int(k)] = out.get(int(k), 0.0) + float(v)
-        return Correction(out, (self.mask_offset[0] + offset_delta[0], self.mask_offset[1] + offset_delta[1]))
-
-    def as_array(self, n_modes: int = 22) -> np.ndarray:
-        """Coefficient array, column k = Noll k + 1."""
-        arr = np.zeros(n_modes)
-        for k, v in self.coefficients.items():
-            if 1 <= k <= n_modes:
-                arr[k - 1] = v
-        return arr
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "units": "radians (RMS-normalised Noll Zernikes); mask_offset in pupil radii (x, y)",
-            "coefficients": {int(k): float(v) for k, v in sorted(self.coefficients.items())},
-            "mask_offset": [float(self.mask_offset[0]), float(self.mask_offset[1])],
-        }
-
-    def save_yaml(self, path: str | Path) -> None:
-        data = self.to_dict()
-        data["saved"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-    @classmethod
-    def load_yaml(cls, path: str | Path) -> "Correction":
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict) or "coefficients" not in data:
-            raise ValueError(f"{path}: not a correction file (no 'coefficients' mapping)")
-        coeffs = {int(k): float(v) for k, v in (data.get("coefficients") or {}).items()}
-        off = data.get("mask_offset") or [0.0, 0.0]
-        corr = cls(coeffs, (float(off[0]), float(off[1])))
-        if not corr.is_finite():
-            raise ValueError(f"{path}: correction contains NaN or infinity")
-        return corr
-
-
 @dataclass
 class Measurement:
     """One acquired and analysed stack."""
@@ -151,7 +94,7 @@ def build_pupil_phase(settings: Any, correction: Correction, m: int) -> np.ndarr
     of the configured charge, shifted by ``correction.mask_offset``) plus the Zernike correction,
     zero outside the pupil. One place builds it: :func:`simulation.phase.total_phase` (the same
     function the simulated microscope subtracts to read back what the SLM applies)."""
-    from simulation import phase as ph
+    from autoalign.simulation import phase as ph
 
     return np.asarray(ph.total_phase(settings, m, coefficients=correction.coefficients or None,
                                      mask_offset=correction.mask_offset), dtype=float)
@@ -308,7 +251,7 @@ class AlignmentLoop:
     @property
     def predictor(self) -> Any:
         if self._predictor is None and self.corrector == "model":
-            from models.predictor import Predictor  # issue 3
+            from autoalign.models.predictor import Predictor  # issue 3
 
             self._log("loading the model from %s", self.settings.model.checkpoint)
             self._predictor = Predictor.load(settings=self.settings)
@@ -406,7 +349,7 @@ class AlignmentLoop:
     def _acquire_stack(self) -> Stack:
         fn = self._acquire_fn
         if fn is None:
-            from hardware.acquisition import acquire_stack as fn  # issue 4
+            from autoalign.hardware.acquisition import acquire_stack as fn  # issue 4
         stack = fn(self.devices.camera, self.devices.focus, self.settings)
         self.stacks_acquired += 1
         return stack
@@ -518,9 +461,9 @@ class AlignmentLoop:
         SLM, a stack acquired and analysed exactly like a measurement (cached). Gives the ideal
         sections (correlation reference) and the measured null-depth floor of the bead."""
         if self._ideal is None:
-            from hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
-            from hardware.acquisition import acquire_stack
-            from simulation.microscope import SimulatedMicroscope
+            from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
+            from autoalign.hardware.acquisition import acquire_stack
+            from autoalign.simulation.microscope import SimulatedMicroscope
 
             s = self.settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
             mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
@@ -651,7 +594,7 @@ class AlignmentLoop:
     # ------------------------------------------------------------------ prediction
     def _modal_corrector(self) -> Any:
         if self._modal is None:
-            from app.baseline import ModalCorrector
+            from autoalign.app.baseline import ModalCorrector
 
             self._modal = ModalCorrector(self, **self.modal_options)
         return self._modal

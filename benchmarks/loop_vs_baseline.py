@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def one(settings, corrector, iterations, seed, rms, predictor_kind, predictor_cache, bias, checkpoint=None):
-    from app.commands.align import trial_rms
-    from app.loop import AlignmentLoop
-    from hardware.factory import open_devices
+    from autoalign.app.commands.align import trial_rms
+    from autoalign.app.loop import AlignmentLoop
+    from autoalign.hardware.factory import open_devices
 
     s2 = settings.replace(**{"simulation.seed": seed, "simulation.aberration_rms_rad": trial_rms(rms, seed),
                              "hardware.backend": "simulated", "slm.backend": "simulated"})
@@ -40,7 +40,7 @@ def one(settings, corrector, iterations, seed, rms, predictor_kind, predictor_ca
                 pred = OraclePredictor(dev.microscope)
             else:
                 if "model" not in predictor_cache:
-                    from models.predictor import Predictor
+                    from autoalign.models.predictor import Predictor
 
                     predictor_cache["model"] = Predictor.load(checkpoint, settings=settings)
                 pred = predictor_cache["model"]
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--predictor", choices=["model", "oracle"], default="model")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     s = load_settings(args.settings)
     cache: dict = {}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from calibration import optics as opt
+from autoalign.calibration import optics as opt
 
 log = logging.getLogger("autoalign.calibration")
 
@@ -121,7 +121,7 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
     """Poke tip, tilt and defocus by +-``amplitude_rad`` (6 stacks; 2 more per stage axis when
     ``stage_step_um``), fit the map and (``use``) hand it to the loop. The loop's correction is
     shown again at the end. Raises ``RuntimeError`` when a poke gives an invalid measurement."""
-    from app.loop import Correction
+    from autoalign.correction import Correction
 
     base: Correction = loop.correction.copy()
     matrix = np.zeros((3, 3))

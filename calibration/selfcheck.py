@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simulation.zernike import mode_name, noll_to_nm, zernike
+from autoalign.simulation.zernike import mode_name, noll_to_nm, zernike
 
 log = logging.getLogger("autoalign.calibration")
 
@@ -147,7 +147,7 @@ def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: flo
                 m = loop.acquire()
                 if not m.valid:
                     raise RuntimeError(f"self-check: mode {j} {sign:+.0f}: invalid stack ({m.reason})")
-                from app.loop import null_depth
+                from autoalign.app.loop import null_depth
 
                 nd.append(null_depth(m.sections, m.background_photons))
                 p = pred.predict(m.sections).coefficients

@@ -11,7 +11,7 @@
 
 Backends are imported on use (Qt, pycromanager and slmPy only when chosen).
 """
-from hardware.base import (
+from autoalign.hardware.base import (
     SLM,
     Camera,
     Device,

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hardware.base import Camera, DeviceError, FocusStage, Stack, XYStage
+from autoalign.hardware.base import Camera, DeviceError, FocusStage, Stack, XYStage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings
+    from autoalign.settings import Settings
 
 log = logging.getLogger(__name__)
 

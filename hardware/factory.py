@@ -15,11 +15,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hardware.base import Camera, Device, DeviceError, FocusStage, SLM, XYStage
+from autoalign.hardware.base import Camera, Device, DeviceError, FocusStage, SLM, XYStage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings
-    from simulation.microscope import SimulatedMicroscope
+    from autoalign.settings import Settings
+    from autoalign.simulation.microscope import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,15 @@ def make_slm(settings: "Settings", microscope: "SimulatedMicroscope | None" = No
                 "slm.backend = 'simulated' needs the simulated microscope (hardware.backend = 'simulated'); "
                 "with real hardware choose slm.backend 'qt' or 'slmpy'"
             )
-        from hardware.simulated import SimulatedSLM
+        from autoalign.hardware.simulated import SimulatedSLM
 
         return SimulatedSLM(microscope)
     if backend == "qt":
-        from hardware.slm_display import QtSLMWindow
+        from autoalign.hardware.slm_display import QtSLMWindow
 
         return QtSLMWindow.from_settings(settings, force=force)
     if backend == "slmpy":
-        from hardware.slm_display import SlmPyAdapter
+        from autoalign.hardware.slm_display import SlmPyAdapter
 
         return SlmPyAdapter.from_settings(settings)
     raise DeviceError(f"slm.backend = {backend!r}: expected 'simulated', 'qt' or 'slmpy'")
@@ -87,14 +87,14 @@ def open_devices(settings: "Settings | str | None" = None, *, force_slm: bool = 
     ``microscope_kwargs`` go to :class:`SimulatedMicroscope` (e.g. ``seed``, ``aberration``,
     ``noise``) with the simulated backend; ``force_slm`` lets the Qt SLM window open over the GUI's
     screen or a screen of another size."""
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     s = load_settings(settings)
     backend = s.hardware.backend
     microscope = None
     if backend == "simulated":
-        from hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedXYStage
-        from simulation.microscope import SimulatedMicroscope
+        from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedXYStage
+        from autoalign.simulation.microscope import SimulatedMicroscope
 
         microscope = SimulatedMicroscope(s, **microscope_kwargs)
         devices: list[Device] = [SimulatedCamera(microscope), SimulatedFocusStage(microscope),
@@ -103,7 +103,7 @@ def open_devices(settings: "Settings | str | None" = None, *, force_slm: bool = 
         if microscope_kwargs:
             raise TypeError(f"simulated-microscope options {sorted(microscope_kwargs)} given with hardware.backend "
                             "= 'micromanager'")
-        from hardware.micromanager import (
+        from autoalign.hardware.micromanager import (
             MicroManagerCamera,
             MicroManagerConnection,
             MicroManagerFocusStage,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hardware.base import (
+from autoalign.hardware.base import (
     Camera,
     DeviceError,
     DeviceNotConnected,
@@ -41,7 +41,7 @@ from hardware.base import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import MicroManagerSettings, Settings
+    from autoalign.settings import MicroManagerSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hardware.base import (
+from autoalign.hardware.base import (
     Camera,
     DeviceError,
     DeviceNotConnected,
@@ -26,10 +26,10 @@ from hardware.base import (
     StageLimitError,
     XYStage,
 )
-from hardware.slm_display import ConvertingSLM, PhaseToGrey
+from autoalign.hardware.slm_display import ConvertingSLM, PhaseToGrey
 
 if TYPE_CHECKING:  # pragma: no cover
-    from simulation.microscope import SimulatedMicroscope
+    from autoalign.simulation.microscope import SimulatedMicroscope
 
 __all__ = ["SimulatedCamera", "SimulatedFocusStage", "SimulatedXYStage", "SimulatedSLM", "FaultInjection"]
 

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from hardware.base import SLM, DeviceError, DeviceNotConnected, DeviceTimeout, SLMInputError
+from autoalign.hardware.base import SLM, DeviceError, DeviceNotConnected, DeviceTimeout, SLMInputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings, SLMSettings
+    from autoalign.settings import Settings, SLMSettings
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class PhaseToGrey:
         """Phase in ``[0, 2 pi)`` on the ``m x m`` pupil grid read back from a grey image (0 outside
         the pupil); ``offset`` as in :meth:`decode_at`. ``decode(encode(p), m)`` equals
         ``mod(p, 2 pi)`` within one grey step when cells span at least 2 SLM pixels."""
-        from simulation.phase import pupil_grid
+        from autoalign.simulation.phase import pupil_grid
 
         u, v, inside = pupil_grid(m)
         return np.where(inside, self.decode_at(grey, u, v, offset), 0.0)

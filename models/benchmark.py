@@ -13,10 +13,10 @@ def inference_benchmark(checkpoint_path: str, settings: Any, repeats: int = 200,
     """Time :meth:`Predictor.predict` on one triplet (preparation included; median and 90th
     percentile of ``repeats`` calls, ms) and :meth:`Predictor.predict_batch` on ``batch`` triplets
     (median, ms, and triplets/s), on the CPU with the current torch thread count."""
-    from app.settings import load_settings
-    from models.networks import count_parameters
-    from models.predictor import Predictor
-    from simulation import PSFSimulator
+    from autoalign.settings import load_settings
+    from autoalign.models.networks import count_parameters
+    from autoalign.models.predictor import Predictor
+    from autoalign.simulation import PSFSimulator
 
     settings = load_settings(settings)
     pred = Predictor.load(checkpoint_path, settings, force=force, device="cpu")

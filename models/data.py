@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulation.dataset import DatasetError, SPLITS, dataset_info, open_dataset
+from autoalign.simulation.dataset import DatasetError, SPLITS, dataset_info, open_dataset
 
 READ_NOISE_SCALE = (0.5, 2.0)
 BORDER_PX = 2  # width (binned pixels) of the border frame whose median is the background

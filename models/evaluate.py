@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data import NoiseTransform, PSFDataset
-from models.predictor import check_lock, model_from_checkpoint, read_checkpoint
-from simulation.dataset import dataset_settings
+from autoalign.models.data import NoiseTransform, PSFDataset
+from autoalign.models.predictor import check_lock, model_from_checkpoint, read_checkpoint
+from autoalign.simulation.dataset import dataset_settings
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,7 +88,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", sett
 
 def _correlations(ds: PSFDataset, settings: Any, pred: np.ndarray, true: np.ndarray, modes: list[int],
                   ckpt: dict[str, Any], count: int, seed: int) -> dict[str, Any]:
-    from simulation.dataset import _blur, _simulator
+    from autoalign.simulation.dataset import _blur, _simulator
 
     with open_split(ds) as (img, peak, bg):
         n = min(count, len(ds))
@@ -106,7 +106,7 @@ def _correlations(ds: PSFDataset, settings: Any, pred: np.ndarray, true: np.ndar
         if offsets is None and ds.has_offset:
             offsets = ds.labels[:n, J:J + 2].numpy()
         cam = settings.camera
-        from models.data import add_noise_numpy
+        from autoalign.models.data import add_noise_numpy
 
         noisy = add_noise_numpy(img[:n], peak[:n], bg[:n], cam.quantum_efficiency, cam.read_noise_electrons, rng)
         noisy -= bg[:n, None, None, None]
@@ -129,7 +129,7 @@ class open_split:
         self.ds = ds
 
     def __enter__(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from simulation.dataset import open_dataset
+        from autoalign.simulation.dataset import open_dataset
 
         self.f = open_dataset(self.ds.path)
         s = self.ds.split

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data import prepare_sections
-from models.networks import Normaliser, build_network
+from autoalign.models.data import prepare_sections
+from autoalign.models.networks import Normaliser, build_network
 
 CHECKPOINT_FORMAT = "autoalign-checkpoint/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +210,7 @@ class Predictor:
              device: str | torch.device | None = None) -> "Predictor":
         """Load ``path`` (None: ``settings.model.checkpoint``; relative paths from the repository
         root), verify it and refuse it when made for other optics unless ``force``."""
-        from app.settings import load_settings
+        from autoalign.settings import load_settings
 
         settings = load_settings(settings)
         p = resolve_checkpoint_path(path, settings)

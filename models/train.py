@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.data import NoiseTransform, PSFDataset, compute_normalisation
-from models.networks import count_parameters
-from models.predictor import (
+from autoalign.models.data import NoiseTransform, PSFDataset, compute_normalisation
+from autoalign.models.networks import count_parameters
+from autoalign.models.predictor import (
     CheckpointError, build_model, optics_lock, read_checkpoint, save_checkpoint,
 )
-from simulation.dataset import code_version, dataset_settings
+from autoalign.simulation.dataset import code_version, dataset_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     summary (best epoch and validation loss, per-mode validation RMSE, time)."""
     from tqdm import tqdm
 
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     settings = load_settings(settings)
     t_start = time.time()
@@ -244,7 +244,7 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
                 tqdm.write(msg)
     tb.close()
     if export:
-        from models.predictor import export_checkpoint
+        from autoalign.models.predictor import export_checkpoint
 
         export_checkpoint(out / "best.pt", export)
     best_row = next((r for r in history if r["epoch"] == best_epoch), history[-1] if history else {})

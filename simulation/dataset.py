@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings
+    from autoalign.settings import Settings
 
 DATASET_FORMAT = "autoalign-psf-dataset/1"
 SPLITS = ("train", "val", "test")
@@ -119,7 +119,7 @@ def draw_aberrations(rng: np.random.Generator, count: int, n_modes: int, max_coe
 
 
 def _blur(sections: np.ndarray, diameter_um: float, pixel_size_um: float) -> np.ndarray:
-    from simulation.noise import blur_by_bead
+    from autoalign.simulation.noise import blur_by_bead
 
     # blur_by_bead convolves the last two axes; the sections are sampled alike laterally and
     # axially when stack.z_step_um == camera.pixel_size_um (the default; otherwise approximate)
@@ -139,7 +139,7 @@ _WORKER_SIM: dict[str, Any] = {}
 
 
 def _simulator(settings: "Settings") -> Any:
-    from simulation.vectorial import PSFSimulator
+    from autoalign.simulation.vectorial import PSFSimulator
 
     key = settings.to_yaml()
     if key not in _WORKER_SIM:
@@ -156,8 +156,8 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
     Returns arrays ``img`` (count, 3, n, n) float32, ``labels`` (count, J), ``peak_photons``,
     ``background_photons``, ``bead_diameter_um``, ``centring_rad`` (count, 3), ``decentre_px``
     (count, 3)."""
-    from calibration.centroid import section_centroid
-    from calibration.optics import shift_to_zernike
+    from autoalign.calibration.centroid import section_centroid
+    from autoalign.calibration.optics import shift_to_zernike
 
     ds, cam, o = settings.dataset, settings.camera, settings.optics
     sim = _simulator(settings)
@@ -197,7 +197,7 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
     for i in range(count):
         img[i] = _blur(second[i], bead[i], px)
     if bake_noise:
-        from models.data import add_noise_numpy
+        from autoalign.models.data import add_noise_numpy
 
         img = add_noise_numpy(img, peak, background, cam.quantum_efficiency, cam.read_noise_electrons,
                               noise_rng).astype(np.float32)
@@ -216,7 +216,7 @@ def _run_job(job: _Job) -> tuple[int, dict[str, np.ndarray]]:
     import torch
     import yaml
 
-    from app.settings import settings_from_dict
+    from autoalign.settings import settings_from_dict
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -254,7 +254,7 @@ def write_dataset(settings: "Settings | str | None", count: int, out: str | Path
     import yaml
     from tqdm import tqdm
 
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     settings = load_settings(settings)
     if count < 1:
@@ -384,7 +384,7 @@ def dataset_settings(path: str | Path) -> "Settings":
     """The settings a data file was generated with."""
     import yaml
 
-    from app.settings import load_settings, settings_from_dict
+    from autoalign.settings import load_settings, settings_from_dict
 
     stored = yaml.safe_load(dataset_info(path)["settings_yaml"])
     # the settings schema grows: keys added since the file was written take today's defaults,

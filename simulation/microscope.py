@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from simulation.noise import CameraModel, blur_by_bead
-from simulation.phase import fit_zernike, mask_phase
-from simulation.vectorial import PSFSimulator
-from simulation.zernike import CoefficientsLike, coefficients_to_array, rms
+from autoalign.simulation.noise import CameraModel, blur_by_bead
+from autoalign.simulation.phase import fit_zernike, mask_phase
+from autoalign.simulation.vectorial import PSFSimulator
+from autoalign.simulation.zernike import CoefficientsLike, coefficients_to_array, rms
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings
-    from hardware.slm_display import PhaseToGrey
+    from autoalign.settings import Settings
+    from autoalign.hardware.slm_display import PhaseToGrey
 
 __all__ = ["SimulatedMicroscope", "draw_aberration", "simulator_for"]
 
@@ -113,8 +113,8 @@ class SimulatedMicroscope:
         slm_geometry: "PhaseToGrey | None" = None,
         image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        from app.settings import load_settings
-        from hardware.slm_display import PhaseToGrey
+        from autoalign.settings import load_settings
+        from autoalign.hardware.slm_display import PhaseToGrey
 
         s = load_settings(settings)
         self.settings = s

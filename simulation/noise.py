@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.settings import Settings
+    from autoalign.settings import Settings
 
 
 @dataclass(frozen=True)

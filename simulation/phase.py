@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from simulation.zernike import CoefficientsLike, coefficients_to_array, zernike, zernike_basis
+from autoalign.simulation.zernike import CoefficientsLike, coefficients_to_array, zernike, zernike_basis
 
 __all__ = [
     "pupil_grid",

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from app.loop import AlignmentLoop
-from calibration import optics as opt
-from calibration.centroid import centred_sections, robust_stack_centroid
-from calibration.poke import PokeCalibration, run_poke_calibration
-from calibration.selfcheck import run_self_check
+from autoalign.app.loop import AlignmentLoop
+from autoalign.calibration import optics as opt
+from autoalign.calibration.centroid import centred_sections, robust_stack_centroid
+from autoalign.calibration.poke import PokeCalibration, run_poke_calibration
+from autoalign.calibration.selfcheck import run_self_check
 from tests.test_loop_support import LinearPredictor, ScaledSLM, sim_devices, simulator, small_settings
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from app.collect import BeadWalk
-from app.loop import AlignmentLoop
+from autoalign.app.collect import BeadWalk
+from autoalign.app.loop import AlignmentLoop
 from tests.test_loop_support import OraclePredictor, sim_devices, small_settings
 
 ROOT = Path(__file__).resolve().parent.parent

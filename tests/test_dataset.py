@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from app.settings import load_settings
-from calibration.centroid import section_centroid
-import simulation.dataset as sd
-from simulation.dataset import (
+from autoalign.settings import load_settings
+from autoalign.calibration.centroid import section_centroid
+import autoalign.simulation.dataset as sd
+from autoalign.simulation.dataset import (
     DATASET_FORMAT, DatasetError, dataset_info, dataset_settings, draw_aberrations, generate_chunk,
     open_dataset, write_dataset,
 )
@@ -156,7 +156,7 @@ def test_truncated_file(tmp_path, small_file):
 
 
 def test_cli_simulate(tmp_path, small_settings, capsys):
-    from app.cli import main
+    from autoalign.app.cli import main
 
     cfg = tmp_path / "small.yaml"
     cfg.write_text(small_settings.to_yaml())

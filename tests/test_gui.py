@@ -19,7 +19,7 @@ pytest.importorskip("pytestqt")
 
 from PyQt5 import QtCore, QtGui, QtWidgets  # noqa: E402
 
-from app.settings import load_settings  # noqa: E402
+from autoalign.settings import load_settings  # noqa: E402
 
 OPEN_TIMEOUT_MS = 90_000
 TASK_TIMEOUT_MS = 60_000
@@ -27,9 +27,9 @@ TASK_TIMEOUT_MS = 60_000
 
 def _need_stack() -> None:
     """The real loop, devices and model (issues 3-5)."""
-    pytest.importorskip("app.loop")
-    pytest.importorskip("hardware.factory")
-    pytest.importorskip("models.predictor")
+    pytest.importorskip("autoalign.app.loop")
+    pytest.importorskip("autoalign.hardware.factory")
+    pytest.importorskip("autoalign.models.predictor")
 
 
 def _need_model(settings) -> None:
@@ -45,7 +45,7 @@ def _need_model(settings) -> None:
 
 @pytest.fixture
 def settings():
-    from app.gui import simulated_settings
+    from autoalign.app.gui import simulated_settings
 
     return simulated_settings(load_settings(None))
 
@@ -53,7 +53,7 @@ def settings():
 @pytest.fixture
 def window(qtbot, settings):
     _need_stack()
-    from app.gui.main_window import MainWindow
+    from autoalign.app.gui.main_window import MainWindow
 
     w = MainWindow(settings)
     qtbot.addWidget(w)
@@ -153,7 +153,7 @@ def test_device_error_shows_message_and_window_stays_usable(qtbot, window):
 
 def test_closing_stops_the_loop_and_closes_the_devices(qtbot, settings):
     _need_stack()
-    from app.gui.main_window import MainWindow
+    from autoalign.app.gui.main_window import MainWindow
 
     w = MainWindow(settings)
     qtbot.addWidget(w)
@@ -211,7 +211,7 @@ def _clear_faults(devices):
 
 # ------------------------------------------------------------------ widgets alone (no devices)
 def test_widgets_show_named_modes_history_and_wrapped_phase(qtbot):
-    from app.gui.widgets import HistoryPlots, ModeBarChart, PhaseView
+    from autoalign.app.gui.widgets import HistoryPlots, ModeBarChart, PhaseView
 
     bars = ModeBarChart([5, 6, 7])
     qtbot.addWidget(bars)
@@ -238,7 +238,7 @@ def test_widgets_show_named_modes_history_and_wrapped_phase(qtbot):
 
 
 def test_bead_walk_collection_with_progress(qtbot, window, tmp_path):
-    pytest.importorskip("app.collect")
+    pytest.importorskip("autoalign.app.collect")
     h5py = pytest.importorskip("h5py")
     w = window
     out = tmp_path / "walk.h5"
@@ -254,8 +254,8 @@ def test_bead_walk_collection_with_progress(qtbot, window, tmp_path):
 
 def test_poke_calibration_and_self_check(qtbot, window, tmp_path):
     _need_model(window.settings)
-    pytest.importorskip("calibration.poke")
-    pytest.importorskip("calibration.selfcheck")
+    pytest.importorskip("autoalign.calibration.poke")
+    pytest.importorskip("autoalign.calibration.selfcheck")
     w = window
     path = tmp_path / "poke.yaml"
     assert w.poke_calibration(str(path))
@@ -275,7 +275,7 @@ def test_poke_calibration_and_self_check(qtbot, window, tmp_path):
 
 def test_screenshot_command(qtbot, settings, tmp_path):
     _need_stack()
-    from app.gui import run_app
+    from autoalign.app.gui import run_app
 
     out = tmp_path / "shot.png"
     assert run_app(settings, screenshot=str(out), auto_align=1, timeout_s=120) == 0
@@ -285,10 +285,10 @@ def test_screenshot_command(qtbot, settings, tmp_path):
 def test_device_open_failure_is_reported_and_window_stays_alive(qtbot, settings):
     """Opening the devices fails (e.g. Micro-Manager not running): a message, no crash, the
     actions stay disabled and Reconnect is offered."""
-    from hardware.base import DeviceNotConnected
+    from autoalign.hardware.base import DeviceNotConnected
 
-    from app.gui.main_window import MainWindow
-    from app.gui.worker import AlignWorker
+    from autoalign.app.gui.main_window import MainWindow
+    from autoalign.app.gui.worker import AlignWorker
 
     def failing_open(_settings):
         raise DeviceNotConnected("camera: Micro-Manager is not running (port 4827)")

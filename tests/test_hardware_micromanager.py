@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.settings import load_settings
-from hardware.acquisition import acquire_stack
-from hardware.base import DeviceError, DeviceNotConnected, DeviceTimeout, StageLimitError
-from hardware.micromanager import (MicroManagerCamera, MicroManagerConnection, MicroManagerFocusStage,
+from autoalign.settings import load_settings
+from autoalign.hardware.acquisition import acquire_stack
+from autoalign.hardware.base import DeviceError, DeviceNotConnected, DeviceTimeout, StageLimitError
+from autoalign.hardware.micromanager import (MicroManagerCamera, MicroManagerConnection, MicroManagerFocusStage,
                                    MicroManagerXYStage, frame_to_2d, resolve_python_backend_paths, stop_all)
 
 
@@ -96,7 +96,7 @@ def test_demo_unknown_device_label_is_named(mm):
 
 @pytest.mark.micromanager
 def test_factory_with_micromanager_and_qt_slm(mm, qapp):
-    from hardware.factory import open_devices
+    from autoalign.hardware.factory import open_devices
 
     s = mm_settings(**{"slm.backend": "qt", "slm.width_px": 64, "slm.height_px": 48,
                        "slm.pupil_centre_px": [32.0, 24.0], "slm.pupil_radius_px": 20.0, "slm.monitor": 0})

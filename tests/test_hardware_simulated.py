@@ -7,13 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from app.settings import load_settings
-from hardware.acquisition import acquire_stack, stack_positions
-from hardware.base import (SLM, Camera, DeviceError, DeviceNotConnected, DeviceTimeout, FocusStage,
+from autoalign.settings import load_settings
+from autoalign.hardware.acquisition import acquire_stack, stack_positions
+from autoalign.hardware.base import (SLM, Camera, DeviceError, DeviceNotConnected, DeviceTimeout, FocusStage,
                            SLMInputError, Stack, StageLimitError, XYStage)
-from hardware.factory import Devices, open_devices
-from hardware.simulated import SimulatedCamera, SimulatedFocusStage
-from simulation.phase import total_phase
+from autoalign.hardware.factory import Devices, open_devices
+from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage
+from autoalign.simulation.phase import total_phase
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_generic_per_snap_path_matches_batched_path(dev, settings):
             super().move_to(z_um)
 
     s = settings.replace(**{"camera.roi_px": 16, "stack.planes": 16})
-    from simulation.microscope import SimulatedMicroscope
+    from autoalign.simulation.microscope import SimulatedMicroscope
 
     mic = SimulatedMicroscope(s, noise=False, aberration={7: 0.3}, bead_um=(0.05, 0.0, 0.1))
     cam, focus = PlainCamera(mic), RecordingFocus(mic)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.loop import AlignmentLoop, Correction, build_pupil_phase, null_depth
-from hardware.base import DeviceError
-from simulation.phase import total_phase
+from autoalign.app.loop import AlignmentLoop, Correction, build_pupil_phase, null_depth
+from autoalign.hardware.base import DeviceError
+from autoalign.simulation.phase import total_phase
 from tests.test_loop_support import ConstantPredictor, OraclePredictor, sim_devices, small_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def test_loop_converges_with_oracle_and_recentres():
 
 
 def test_true_and_measured_null_depth():
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     # the default 64-px ROI: in the 32-px one the median background estimate includes donut tails
     loop, dev = make_loop(settings=load_settings(), aberration=ABERRATION, noise=False)
@@ -229,7 +229,7 @@ def test_modal_corrector_reduces_residual():  # the classical baseline, 3 modes 
 
 
 def test_align_command_pipeline_on_simulated_devices(tmp_path):
-    from app.commands.align import format_table, run_trial, summarise, write_plots
+    from autoalign.app.commands.align import format_table, run_trial, summarise, write_plots
 
     s = small_settings()
     trials = []
@@ -253,8 +253,8 @@ SHIPPED = Path(os.environ.get("AUTOALIGN_TEST_CHECKPOINT", ROOT / "models" / "we
 def test_loop_converges_with_shipped_model_on_simulated_microscope():
     """The product: the trained model on the real simulated microscope (default optics, camera
     noise, a hidden aberration of 0.9 rad RMS over Noll 5..15, bead off-centre), fixed seed."""
-    from app.settings import load_settings
-    from models.predictor import Predictor
+    from autoalign.settings import load_settings
+    from autoalign.models.predictor import Predictor
 
     s = load_settings().replace(**{"simulation.aberration_rms_rad": 0.9, "simulation.seed": 7})
     predictor = Predictor.load(SHIPPED, settings=s)
@@ -273,7 +273,7 @@ def test_loop_converges_with_shipped_model_on_simulated_microscope():
 
 def test_history_keeps_only_recent_raw_stacks():
     """A long session must not hold every raw stack (about 2 MB each) in memory."""
-    from app.loop import AlignmentLoop, IterationRecord, Measurement
+    from autoalign.app.loop import AlignmentLoop, IterationRecord, Measurement
 
     loop = AlignmentLoop.__new__(AlignmentLoop)
     loop.history = []

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.settings import load_settings
-from simulation.microscope import simulator_for
-from simulation.noise import blur_by_bead
+from autoalign.settings import load_settings
+from autoalign.simulation.microscope import simulator_for
+from autoalign.simulation.noise import blur_by_bead
 
 ROI_SMALL = 32
 
@@ -46,7 +46,7 @@ def sim_devices(settings, aberration=None, bead_um=(0.0, 0.0, 0.0), seed=0, nois
     from ``settings.simulation`` with ``seed``)."""
     s = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated",
                             "simulation.drift_um_per_step": 0.0})
-    from hardware.factory import open_devices
+    from autoalign.hardware.factory import open_devices
 
     kw = {} if aberration is None else {"aberration": dict(aberration)}  # None: drawn from the settings
     return open_devices(s, seed=seed, bead_um=tuple(bead_um), noise=noise, image_transform=image_transform,

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.settings import load_settings
-from hardware.acquisition import acquire_stack
-from hardware.factory import open_devices
-from hardware.simulated import SimulatedSLM
-from hardware.slm_display import PhaseToGrey
-from simulation.microscope import SimulatedMicroscope
-from simulation.phase import total_phase
+from autoalign.settings import load_settings
+from autoalign.hardware.acquisition import acquire_stack
+from autoalign.hardware.factory import open_devices
+from autoalign.hardware.simulated import SimulatedSLM
+from autoalign.hardware.slm_display import PhaseToGrey
+from autoalign.simulation.microscope import SimulatedMicroscope
+from autoalign.simulation.phase import total_phase
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.settings import load_settings
-from models.data import NoiseTransform, add_noise_numpy, bin_sections, prepare_sections
-from models.networks import NETWORKS, build_network
-from models.predictor import (
+from autoalign.settings import load_settings
+from autoalign.models.data import NoiseTransform, add_noise_numpy, bin_sections, prepare_sections
+from autoalign.models.networks import NETWORKS, build_network
+from autoalign.models.predictor import (
     CheckpointError, Prediction, Predictor, build_model, optics_lock, read_checkpoint, save_checkpoint,
 )
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sections(rng, n=64, peak=1000.0, bg=8.0):
-    from simulation import PSFSimulator
+    from autoalign.simulation import PSFSimulator
 
     sim = PSFSimulator.from_settings(pupil_samples=32)
     c = np.zeros(15)
@@ -140,7 +140,7 @@ def test_offset_prediction(tmp_path):
 
 
 def test_relative_path_resolves_against_repository(ckpt_path, monkeypatch):
-    import models.predictor as mp
+    import autoalign.models.predictor as mp
 
     monkeypatch.setattr(mp, "REPO_ROOT", ckpt_path.parent)
     s = load_settings().replace(**{"model.checkpoint": ckpt_path.name})
@@ -191,7 +191,7 @@ def test_tampered_corrupt_and_foreign_checkpoints(ckpt_path, tmp_path):
 
 
 def test_inference_benchmark(ckpt_path):
-    from models.benchmark import inference_benchmark
+    from autoalign.models.benchmark import inference_benchmark
 
     r = inference_benchmark(str(ckpt_path), load_settings(), repeats=5, batch=8, batch_repeats=2)
     assert r["single_ms_median"] > 0 and r["batch"] == 8 and r["batch_triplets_per_s"] > 0
@@ -203,7 +203,7 @@ DEFAULT = Path(__file__).resolve().parent.parent / "models" / "weights" / "defau
 @pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped default model")
 def test_shipped_default_model_reads_aberrations():
     """The shipped model, loaded as the loop loads it, reads fresh simulated aberrations."""
-    from simulation.dataset import generate_chunk
+    from autoalign.simulation.dataset import generate_chunk
 
     s = load_settings()
     p = Predictor.load(None, s)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from simulation.noise import CameraModel, bead_kernel, blur_by_bead
+from autoalign.simulation.noise import CameraModel, bead_kernel, blur_by_bead
 
 
 def test_exposure_mean_and_variance_follow_shot_and_read_noise():

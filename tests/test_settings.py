@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from app.settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
+from autoalign.settings import DEFAULT_SETTINGS_PATH, SettingsError, load_settings
 
 
 @pytest.fixture()

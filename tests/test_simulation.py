@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.special import j1, jv
 
-from app.settings import load_settings
-from simulation import Optics, PSFSimulator, debye_quadrature
+from autoalign.settings import load_settings
+from autoalign.simulation import Optics, PSFSimulator, debye_quadrature
 
 NA, N_IMM, LAM = 1.4, 1.518, 0.775
 

@@ -11,10 +11,10 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from app.settings import load_settings  # noqa: E402
-from hardware.base import DeviceError, DeviceNotConnected, SLMInputError  # noqa: E402
-from hardware.slm_display import PhaseToGrey, QtSLMWindow, SlmPyAdapter  # noqa: E402
-from simulation.phase import total_phase  # noqa: E402
+from autoalign.settings import load_settings  # noqa: E402
+from autoalign.hardware.base import DeviceError, DeviceNotConnected, SLMInputError  # noqa: E402
+from autoalign.hardware.slm_display import PhaseToGrey, QtSLMWindow, SlmPyAdapter  # noqa: E402
+from autoalign.simulation.phase import total_phase  # noqa: E402
 
 
 def small_settings(**extra):

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from app.settings import load_settings
-from hardware.base import SLMInputError
-from hardware.slm_display import PhaseToGrey, SLMConfigError, load_flatness, load_lut
+from autoalign.settings import load_settings
+from autoalign.hardware.base import SLMInputError
+from autoalign.hardware.slm_display import PhaseToGrey, SLMConfigError, load_flatness, load_lut
 
 PI = math.pi
 # A 2 x 2 pupil grid [v, u]: a (v<0, u<0), b (v<0, u>0), c (v>0, u<0), d (v>0, u>0).
@@ -171,7 +171,7 @@ def test_decode_inverts_encode_within_one_grey_step():
         m = 30  # cells of 6 SLM pixels
         phase = rng.uniform(-20, 20, size=(m, m))
         back = conv.decode(conv.encode(phase), m)
-        from simulation.phase import pupil_grid
+        from autoalign.simulation.phase import pupil_grid
 
         u, v, inside = pupil_grid(m)
         assert np.all(back[~inside] == 0)
@@ -187,7 +187,7 @@ def test_decode_with_misregistration_shifts_the_pattern():
     # the SLM's phase at u = 0.5 - 0.2 = 0.3, i.e. 1.5 rad (within half a grid cell, 5 / m, plus
     # half a grey step).
     conv = PhaseToGrey(512, 512, (256.0, 256.0), 200.0)
-    from simulation.phase import pupil_grid
+    from autoalign.simulation.phase import pupil_grid
 
     m = 256
     u = pupil_grid(m)[0]

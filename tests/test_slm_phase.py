@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from app.settings import load_settings
-from simulation import phase as ph
+from autoalign.settings import load_settings
+from autoalign.simulation import phase as ph
 
 
 def test_pupil_grid_cell_centres():

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.settings import load_settings
-from models.data import NoiseTransform, PSFDataset, compute_normalisation
-from models.predictor import Predictor, build_model
-from models.train import evaluate_loss, train
-from simulation.dataset import write_dataset
+from autoalign.settings import load_settings
+from autoalign.models.data import NoiseTransform, PSFDataset, compute_normalisation
+from autoalign.models.predictor import Predictor, build_model
+from autoalign.models.train import evaluate_loss, train
+from autoalign.simulation.dataset import write_dataset
 
 SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
          "dataset.modes": [5, 7, 11], "model.modes": [5, 7, 11], "dataset.max_coefficient_rad": 0.8,
@@ -70,8 +70,8 @@ def test_resume_and_warm_start(setup):
 
 
 def test_evaluate_and_commands(setup, capsys):
-    from app.cli import main
-    from models.evaluate import evaluate, to_json
+    from autoalign.app.cli import main
+    from autoalign.models.evaluate import evaluate, to_json
 
     s, data, root = setup
     cfg = root / "small.yaml"
@@ -92,7 +92,7 @@ def test_evaluate_and_commands(setup, capsys):
     assert j["split"] == "test" and "rmse_mean" in j and (root / "plots" / "scatter.png").exists()
     # a checkpoint for other optics is refused by evaluate (the data's settings)
     other = s.replace(**{"optics.wavelength_um": 0.66})
-    from models.predictor import CheckpointError
+    from autoalign.models.predictor import CheckpointError
 
     with pytest.raises(CheckpointError, match="wavelength_um"):
         evaluate(out / "best.pt", data, settings=other, resimulate=0)

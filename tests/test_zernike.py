@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from simulation import zernike as zk
+from autoalign.simulation import zernike as zk
 
 
 def _disk_quadrature(n_rho=60, n_phi=128):

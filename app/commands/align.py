@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 log = logging.getLogger("autoalign.align")
 
@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
 
 
 def _settings_for(args: argparse.Namespace, trial: int) -> Any:
-    from app.cli import device_settings
+    from autoalign.app.cli import device_settings
 
     if args.backend == "micromanager":
         return device_settings(args)
@@ -72,10 +72,10 @@ def run_trial(settings: Any, iterations: int, corrector: str = "model", gain: fl
     the state after k corrections (true residual; null depth and correlation of its stack)."""
     from contextlib import nullcontext
 
-    from app.loop import AlignmentLoop
+    from autoalign.app.loop import AlignmentLoop
 
     if devices is None:
-        from hardware.factory import open_devices
+        from autoalign.hardware.factory import open_devices
 
         ctx = open_devices(settings)
     else:
@@ -180,13 +180,13 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.settings import load_settings
+    from autoalign.settings import load_settings
 
     base = load_settings(args.settings)
     iterations = args.iterations or base.loop.max_iterations
     calibration = None
     if args.calibration:
-        from calibration.poke import PokeCalibration
+        from autoalign.calibration.poke import PokeCalibration
 
         calibration = PokeCalibration.load(args.calibration, settings=base)
     trials_n = args.trials if args.backend == "sim" else 1
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     for t in range(trials_n):
         settings = _settings_for(args, t)
         if predictor is None and args.corrector == "model":
-            from models.predictor import Predictor
+            from autoalign.models.predictor import Predictor
 
             try:
                 predictor = Predictor.load(settings=settings)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import torch
 
-from app.cli import add_settings_argument
-from app.settings import load_settings
+from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def _best_time(fn, repeats: int) -> float:
 def simulator_benchmark(settings, batch: int = 256, repeats: int = 3, seed: int = 0) -> dict:
     """Triplets/s and stacks/s of the matrix-Fourier simulator; brute-force quadrature speed on
     a sample of points and the maximum relative error of the fast result against it."""
-    from simulation import PSFSimulator, debye_quadrature
-    from simulation.zernike import rms
+    from autoalign.simulation import PSFSimulator, debye_quadrature
+    from autoalign.simulation.zernike import rms
 
     sim = PSFSimulator.from_settings(settings)
     rng = np.random.default_rng(seed)
@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.settings)
     result = {"simulator": simulator_benchmark(settings, args.batch, args.repeats)}
     if not args.skip_model:
-        from models.benchmark import inference_benchmark
-        from models.predictor import resolve_checkpoint_path
+        from autoalign.models.benchmark import inference_benchmark
+        from autoalign.models.predictor import resolve_checkpoint_path
 
         ckpt = resolve_checkpoint_path(None, settings)
         if ckpt.exists():

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 
 def register(subparsers: Any) -> None:
@@ -24,9 +24,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.loop import AlignmentLoop
-    from app.cli import device_settings
-    from hardware.factory import open_devices
+    from autoalign.app.loop import AlignmentLoop
+    from autoalign.app.cli import device_settings
+    from autoalign.hardware.factory import open_devices
 
     s = device_settings(args)
     result: dict[str, Any] = {}
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         loop = AlignmentLoop(dev, s)
         loop.zero_slm()
         if args.what in ("poke", "both"):
-            from calibration.poke import run_poke_calibration
+            from autoalign.calibration.poke import run_poke_calibration
 
             cal = run_poke_calibration(loop, args.amplitude or 1.0, stage_step_um=args.stage_step or None)
             cal.save(args.out)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"poke calibration written to {args.out}; scale vs optics (x, y, z) = "
                       + ", ".join(f"{v:.3f}" for v in cal.scale_vs_optics(s)))
         if args.what in ("selfcheck", "both"):
-            from calibration.selfcheck import run_self_check
+            from autoalign.calibration.selfcheck import run_self_check
 
             rep = run_self_check(loop, args.modes, args.amplitude or 0.5)
             ok = rep.ok

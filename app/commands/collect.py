@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 
 def register(subparsers: Any) -> None:
@@ -23,10 +23,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.collect import BeadWalk
-    from app.loop import AlignmentLoop
-    from app.cli import device_settings
-    from hardware.factory import open_devices
+    from autoalign.app.collect import BeadWalk
+    from autoalign.app.loop import AlignmentLoop
+    from autoalign.app.cli import device_settings
+    from autoalign.hardware.factory import open_devices
 
     seeded = args.seed is not None and args.backend == "sim"
     s = device_settings(args, **({"simulation.seed": args.seed} if seeded else {}))

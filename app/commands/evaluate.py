@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.settings import load_settings
-    from models.evaluate import evaluate, plot_error_hist, plot_scatter, to_json
+    from autoalign.settings import load_settings
+    from autoalign.models.evaluate import evaluate, plot_error_hist, plot_scatter, to_json
 
     settings = load_settings(args.settings) if args.settings else None
     r = evaluate(args.checkpoint, args.data, args.split, settings, force=args.force, seed=args.seed,

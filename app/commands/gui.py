@@ -5,7 +5,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from app.cli import add_settings_argument
+    from autoalign.app.cli import add_settings_argument
 
     p = subparsers.add_parser(
         "gui",
@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.gui import run_app, simulated_settings
-    from app.settings import load_settings
+    from autoalign.app.gui import run_app, simulated_settings
+    from autoalign.settings import load_settings
 
     settings = load_settings(args.settings)
     if args.sim:

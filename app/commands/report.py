@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.cli import add_settings_argument
-from app.settings import load_settings
+from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 CASES: list[tuple[str, dict[int, float]]] = [
     ("ideal donut", {}),
@@ -40,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from simulation import PSFSimulator
-    from simulation.noise import CameraModel, blur_by_bead
-    from simulation.zernike import rms
+    from autoalign.simulation import PSFSimulator
+    from autoalign.simulation.noise import CameraModel, blur_by_bead
+    from autoalign.simulation.zernike import rms
 
     settings = load_settings(args.settings)
     sim = PSFSimulator.from_settings(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.settings import load_settings
-    from simulation.dataset import dataset_info, write_dataset
+    from autoalign.settings import load_settings
+    from autoalign.simulation.dataset import dataset_info, write_dataset
 
     settings = load_settings(args.settings)
     if args.count < 1:

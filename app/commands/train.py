@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from app.cli import add_settings_argument
+from autoalign.app.cli import add_settings_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from models.networks import available_networks
+    from autoalign.models.networks import available_networks
 
     p = sub.add_parser("train", help="train the aberration network on a simulated data set")
     add_settings_argument(p)
@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from app.settings import load_settings
-    from models.train import plot_history, train
+    from autoalign.settings import load_settings
+    from autoalign.models.train import plot_history, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,8 +52,8 @@ def run_app(settings: Any, screenshot: str | None = None, auto_align: int = 0,
     ensure_qt_platform(headless=screenshot is not None)
     from PyQt5 import QtCore, QtWidgets
 
-    from app.gui.main_window import MainWindow
-    from app.gui.worker import AlignWorker
+    from autoalign.app.gui.main_window import MainWindow
+    from autoalign.app.gui.worker import AlignWorker
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     app.setApplicationName("autoalign")

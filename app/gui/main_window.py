@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PyQt5 import QtCore, QtGui, QtWidgets
 
-from app.gui.widgets import HistoryPlots, LogPanel, ModeBarChart, OrthoSectionsView, PhaseView
-from app.gui.worker import AlignWorker
+from autoalign.app.gui.widgets import HistoryPlots, LogPanel, ModeBarChart, OrthoSectionsView, PhaseView
+from autoalign.app.gui.worker import AlignWorker
 
 TASK_TITLES = {
     "open": "Opening devices",

@@ -16,7 +16,7 @@ from PyQt5 import QtCore, QtGui, QtWidgets
 pg.setConfigOptions(antialias=True, imageAxisOrder="row-major", background="w", foreground="k")
 
 try:
-    from simulation.zernike import mode_name
+    from autoalign.simulation.zernike import mode_name
 except Exception:  # pragma: no cover - the foundation always has it
     def mode_name(noll: int) -> str:
         return f"Z{noll}"

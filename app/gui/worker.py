@@ -30,19 +30,19 @@ log = logging.getLogger(__name__)
 
 
 def _default_open_devices(settings):
-    from hardware.factory import open_devices
+    from autoalign.hardware.factory import open_devices
 
     return open_devices(settings)
 
 
 def _default_load_predictor(settings):
-    from models.predictor import Predictor
+    from autoalign.models.predictor import Predictor
 
     return Predictor.load(None, settings)
 
 
 def _default_make_loop(devices, settings, predictor, callbacks):
-    from app.loop import AlignmentLoop
+    from autoalign.app.loop import AlignmentLoop
 
     return AlignmentLoop(devices, settings, predictor=predictor, callbacks=callbacks)
 
@@ -315,7 +315,7 @@ class AlignWorker(QtCore.QObject):
         mic = getattr(self.devices, "microscope", None)
         if mic is None:
             raise RuntimeError("a new hidden aberration needs the simulated microscope")
-        from simulation.microscope import draw_aberration
+        from autoalign.simulation.microscope import draw_aberration
 
         sim = self.settings.simulation
         rms = float(sim.aberration_rms_rad if rms_rad is None else rms_rad)
@@ -333,7 +333,7 @@ class AlignWorker(QtCore.QObject):
         return path
 
     def do_load_correction(self, path: str) -> Any:
-        from app.loop import Correction
+        from autoalign.correction import Correction
 
         correction = Correction.load_yaml(path)
         self.loop.apply(correction)
@@ -342,7 +342,7 @@ class AlignWorker(QtCore.QObject):
 
     def do_self_check(self, modes: list[int] | None = None,
                       amplitude_rad: float | None = None) -> Any:
-        from calibration.selfcheck import run_self_check
+        from autoalign.calibration.selfcheck import run_self_check
 
         kwargs: dict[str, Any] = {} if amplitude_rad is None else {"amplitude_rad": amplitude_rad}
         if modes:
@@ -354,7 +354,7 @@ class AlignWorker(QtCore.QObject):
         return report
 
     def do_poke_calibration(self, path: str | None = None, amplitude_rad: float | None = None) -> Any:
-        from calibration.poke import run_poke_calibration
+        from autoalign.calibration.poke import run_poke_calibration
 
         kwargs = {} if amplitude_rad is None else {"amplitude_rad": amplitude_rad}
         cal = run_poke_calibration(self.loop, **kwargs)
@@ -365,7 +365,7 @@ class AlignWorker(QtCore.QObject):
         return cal
 
     def do_load_poke_calibration(self, path: str) -> Any:
-        from calibration.poke import PokeCalibration
+        from autoalign.calibration.poke import PokeCalibration
 
         cal = PokeCalibration.load(path, settings=self.settings)
         diffs = cal.differences(self.settings) if hasattr(cal, "differences") else []
@@ -378,7 +378,7 @@ class AlignWorker(QtCore.QObject):
 
     def do_collect(self, path: str, rounds: int | None = None,
                    random_aberration_rms: float = 0.0) -> Any:
-        from app.collect import BeadWalk
+        from autoalign.app.collect import BeadWalk
 
         walk = BeadWalk(self.loop, path, rounds=rounds,
                         random_aberration_rms=random_aberration_rms, callbacks=self._callbacks)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent.parent / "settings.yaml"
+DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent / "settings.yaml"
 
 
 class SettingsError(ValueError):
