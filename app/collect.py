@@ -31,7 +31,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from autoalign.app.loop import Correction, LoopStopped, RefusedError, _call
+from autoalign.app.callbacks import notify
+from autoalign.app.loop import LoopStopped, RefusedError
+from autoalign.correction import Correction
 from autoalign.hardware.base import DeviceError
 
 log = logging.getLogger("autoalign.collect")
@@ -160,19 +162,20 @@ class BeadWalk:
         total = self.rounds or 0
         modes = list(s.dataset.modes)
         i = 0
-        loop._log("bead walk: writing to %s (starting at round %d)", self.out_path, start)
+        loop.log("bead walk: writing to %s (starting at round %d)", self.out_path, start)
         self._have_model = False
-        if self.apply_model is not None and loop.corrector == "model":
+        if self.apply_model is not None and not loop.estimator.probes:  # one-stack estimators only
             try:
-                self._have_model = loop.predictor is not None
+                loop.estimator.prepare()
+                self._have_model = True
             except Exception as exc:  # noqa: BLE001 - collecting raw data needs no model
-                loop._log("bead walk: no model (%s); recording without predictions", exc, level=logging.WARNING)
+                loop.log("bead walk: no model (%s); recording without predictions", exc, level=logging.WARNING)
         try:
             while self.rounds is None or i < self.rounds:
-                loop._check_stop()
+                loop.check_stop()
                 done = self._round(writer, start + i, modes)
                 i += 1
-                _call(self.callbacks, "on_progress", i, total)
+                notify(self.callbacks, "on_progress", i, total)
                 if done:
                     break
             else:
@@ -182,7 +185,7 @@ class BeadWalk:
         except DeviceError as exc:
             self.stop_reason = f"device failure: {exc}"
             loop.last_error = exc
-        loop._log("bead walk finished after %d round(s): %s", self.written, self.stop_reason)
+        loop.log("bead walk finished after %d round(s): %s", self.written, self.stop_reason)
         return self.written
 
     def _round(self, writer: CollectionFile, index: int, modes: list[int]) -> bool:
@@ -193,7 +196,7 @@ class BeadWalk:
         if not first.valid and ("no bead" in first.reason or "edge" in first.reason):
             self.stop_reason = f"bead walked off ({first.reason})"
             return True
-        loop._check_stop()
+        loop.check_stop()
         m = loop.acquire()                               # the centred stack
         applied = loop.correction.copy()
         prediction = None
@@ -205,9 +208,9 @@ class BeadWalk:
         else:
             try:
                 if self._have_model:
-                    coeffs, off = loop._predict(m)
-                    prediction = coeffs
-                    problem = loop._check_prediction(coeffs, off)
+                    est = loop.estimator.estimate(m)
+                    coeffs = prediction = est.coefficients
+                    problem = loop.check_estimate(est)
                     if problem:
                         decision = f"refused: {problem}"
                     elif self.apply_model:
@@ -227,7 +230,7 @@ class BeadWalk:
             "timestamp": time.time(), "round": index, "decision": decision, "metrics": metrics,
         })
         self.written += 1
-        loop._log("bead walk round %d: %s", index, decision)
+        loop.log("bead walk round %d: %s", index, decision)
         return False
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def one(settings, corrector, iterations, seed, rms, predictor_kind, predictor_cache, bias, checkpoint=None):
     from autoalign.app.commands.align import trial_rms
+    from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
     from autoalign.hardware.factory import open_devices
 
@@ -44,8 +45,8 @@ def one(settings, corrector, iterations, seed, rms, predictor_kind, predictor_ca
 
                     predictor_cache["model"] = Predictor.load(checkpoint, settings=settings)
                 pred = predictor_cache["model"]
-        loop = AlignmentLoop(dev, s2, predictor=pred, corrector=corrector, modal_options={"bias_rad": bias},
-                             truth_metrics=False)
+        options = {"bias_rad": bias} if corrector == "modal" else {}
+        loop = AlignmentLoop(dev, s2, make_estimator(corrector, s2, pred, **options), truth_metrics=False)
         loop.zero_slm()
         rows = [(0, loop.true_residual_rms(), 0)]
         for k in range(iterations):

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from autoalign.calibration import optics as opt
+from autoalign.correction import Correction
 
 log = logging.getLogger("autoalign.calibration")
 
@@ -120,9 +121,9 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
                          use: bool = True) -> PokeCalibration:
     """Poke tip, tilt and defocus by +-``amplitude_rad`` (6 stacks; 2 more per stage axis when
     ``stage_step_um``), fit the map and (``use``) hand it to the loop. The loop's correction is
-    shown again at the end. Raises ``RuntimeError`` when a poke gives an invalid measurement."""
-    from autoalign.correction import Correction
-
+    shown again at the end. Raises ``RuntimeError`` when a poke gives an invalid measurement.
+    ``loop``: the alignment loop's public API (``probe``, ``restore``, ``acquire``, ``correction``,
+    ``devices``, ``settings``, ``log``)."""
     base: Correction = loop.correction.copy()
     matrix = np.zeros((3, 3))
     spread = []
@@ -130,9 +131,7 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
         for col, mode in enumerate((2, 3, 4)):
             shifts = []
             for sign in (1.0, -1.0):
-                loop._check_stop()
-                loop._show(base.plus({mode: sign * amplitude_rad}))
-                m = loop.acquire()
+                m = loop.probe(base.plus({mode: sign * amplitude_rad}))
                 if not m.valid:
                     raise RuntimeError(f"poke calibration: Noll {mode} {sign:+.0f}: invalid stack ({m.reason})")
                 shifts.append(np.asarray(m.offset_um))
@@ -140,7 +139,7 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
             spread.append(0.5 * (shifts[0] + shifts[1]))
     finally:
         try:
-            loop._show(base)
+            loop.restore()
         except Exception:  # noqa: BLE001
             log.warning("poke calibration: could not restore the correction on the SLM")
     centre = np.mean(spread, axis=0)
@@ -151,7 +150,7 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
     cal = PokeCalibration(matrix, amplitude_rad, stage_sign, settings=_locked_settings(loop.settings),
                           residual_um=residual)
     scale = cal.scale_vs_optics(loop.settings)
-    loop._log("poke calibration: scale vs optics (x, y, z) = %.3f, %.3f, %.3f; off-diagonal max %.3g um/rad",
+    loop.log("poke calibration: scale vs optics (x, y, z) = %.3f, %.3f, %.3f; off-diagonal max %.3g um/rad",
               *scale, float(np.max(np.abs(matrix - np.diag(np.diag(matrix))))))
     if use:
         loop.calibration = cal

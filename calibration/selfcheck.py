@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from autoalign.calibration.metrics import null_depth
+from autoalign.estimator import Estimator
 from autoalign.simulation.zernike import mode_name, noll_to_nm, zernike
 
 log = logging.getLogger("autoalign.calibration")
@@ -127,12 +129,19 @@ def diagnose(response: np.ndarray, modes: list[int], min_gain: float = 0.4,
 
 
 def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: float = 0.5,
-                   min_gain: float = 0.4, predictor: Any = None,
+                   min_gain: float = 0.4, estimator: Estimator | None = None,
                    max_null_depth: float = 0.25) -> SelfCheckReport:
-    """Apply each mode +-``amplitude_rad`` (2 stacks per mode), predict, and compare the read-back
-    with the identity. The loop's correction is shown again at the end."""
-    pred = predictor or loop.predictor
-    pmodes = list(pred.modes)
+    """Apply each mode +-``amplitude_rad`` (2 stacks per mode), estimate, and compare the read-back
+    with the identity. The loop's correction is shown again at the end.
+
+    ``loop``: the alignment loop's public API (``probe``, ``restore``, ``correction``,
+    ``estimator``, ``stacks_acquired``, ``log``). ``estimator``: a one-stack estimator (default
+    the loop's; ``probes`` must be False: a scanning estimator would move the SLM itself)."""
+    est = estimator or loop.estimator
+    if est.probes:
+        raise ValueError(f"the self-check reads each biased stack with a one-stack estimator such as "
+                         f"the CNN; {est.name!r} acquires stacks of its own")
+    pmodes = list(est.modes)
     modes = [m for m in (modes or pmodes) if m in pmodes]
     base = loop.correction.copy()
     response = np.zeros((len(modes), len(modes)))
@@ -142,20 +151,16 @@ def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: flo
         for col, j in enumerate(modes):
             reads = []
             for sign in (1.0, -1.0):
-                loop._check_stop()
-                loop._show(base.plus({j: sign * amplitude_rad}))
-                m = loop.acquire()
+                m = loop.probe(base.plus({j: sign * amplitude_rad}))
                 if not m.valid:
                     raise RuntimeError(f"self-check: mode {j} {sign:+.0f}: invalid stack ({m.reason})")
-                from autoalign.app.loop import null_depth
-
                 nd.append(null_depth(m.sections, m.background_photons))
-                p = pred.predict(m.sections).coefficients
+                p = est.estimate(m).coefficients
                 reads.append(np.array([float(p.get(i, 0.0)) for i in modes]))
             response[:, col] = (reads[0] - reads[1]) / (2 * amplitude_rad)
     finally:
         try:
-            loop._show(base)
+            loop.restore()
         except Exception:  # noqa: BLE001
             log.warning("self-check: could not restore the correction on the SLM")
     rows = []
@@ -169,7 +174,7 @@ def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: flo
     ok = all(r.sign_ok and r.mode_ok for r in rows) and diagnosis == "conventions consistent"
     report = SelfCheckReport(amplitude_rad, modes, response, rows, ok, diagnosis, scores,
                              null, loop.stacks_acquired - stacks0)
-    loop._log("%s", report.summary(), level=logging.INFO if ok else logging.WARNING)
+    loop.log("%s", report.summary(), level=logging.INFO if ok else logging.WARNING)
     return report
 
 

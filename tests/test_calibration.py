@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from autoalign.app.estimators import make_estimator
 from autoalign.app.loop import AlignmentLoop
 from autoalign.calibration import optics as opt
 from autoalign.calibration.centroid import centred_sections, robust_stack_centroid
@@ -74,7 +75,7 @@ def test_poke_calibration_recovers_known_scale(tmp_path):
     s = small_settings()
     dev = sim_devices(s, {}, noise=False)
     dev.slm = ScaledSLM(dev.slm, 0.8)  # the SLM writes 80 % of the commanded phase
-    loop = AlignmentLoop(dev, s, predictor=None)
+    loop = AlignmentLoop(dev, s, make_estimator("model", s))
     loop.zero_slm()
     first = dev.slm.phase_rad
     cal = run_poke_calibration(loop, amplitude_rad=1.0, stage_step_um=0.2)
@@ -115,7 +116,7 @@ def _check(settings, predictor, transform=None, charge_on_slm=None):
     loop_settings = settings
     if charge_on_slm is not None:  # the loop's settings say another handedness than the optics'
         loop_settings = settings.replace(**{"optics.vortex_charge": charge_on_slm})
-    loop = AlignmentLoop(dev, loop_settings, predictor=predictor)
+    loop = AlignmentLoop(dev, loop_settings, make_estimator("model", loop_settings, predictor))
     loop.zero_slm()
     return run_self_check(loop, amplitude_rad=0.4)
 

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from autoalign.app.collect import BeadWalk
+from autoalign.app.estimators import make_estimator
 from autoalign.app.loop import AlignmentLoop
 from tests.test_loop_support import OraclePredictor, sim_devices, small_settings
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _walk(path, rounds, seed=0, **kw):
     s = small_settings()
     dev = sim_devices(s, {5: 0.3, 7: -0.2}, seed=seed, **kw)
-    loop = AlignmentLoop(dev, s, predictor=OraclePredictor(dev.microscope))
+    loop = AlignmentLoop(dev, s, make_estimator("model", s, OraclePredictor(dev.microscope)))
     return BeadWalk(loop, path, rounds=rounds, random_aberration_rms=0.4, seed=seed), dev
 
 

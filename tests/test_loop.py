@@ -11,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoalign.app.loop import AlignmentLoop, Correction, build_pupil_phase, null_depth
+from autoalign.app.estimators import make_estimator
+from autoalign.app.loop import AlignmentLoop
+from autoalign.calibration.donut import build_pupil_phase
+from autoalign.calibration.metrics import null_depth
+from autoalign.correction import Correction
 from autoalign.hardware.base import DeviceError
 from autoalign.simulation.phase import total_phase
 from tests.test_loop_support import ConstantPredictor, OraclePredictor, sim_devices, small_settings
@@ -23,7 +27,8 @@ ABERRATION = {5: 0.3, 6: -0.2, 7: -0.35, 8: 0.2, 11: 0.25, 12: -0.15}
 def make_loop(settings=None, predictor=None, callbacks=None, **kw):
     s = settings or small_settings()
     dev = sim_devices(s, kw.pop("aberration", ABERRATION), **kw)
-    loop = AlignmentLoop(dev, s, predictor=predictor or OraclePredictor(dev.microscope), callbacks=callbacks)
+    loop = AlignmentLoop(dev, s, make_estimator("model", s, predictor or OraclePredictor(dev.microscope)),
+                         callbacks=callbacks)
     loop.zero_slm()
     return loop, dev
 
@@ -143,7 +148,7 @@ def test_over_amplitude_correction_refused():
 
 def test_camera_failure_mid_loop_stops_cleanly():
     loop, dev = make_loop()
-    loop.predictor = OraclePredictor(dev.microscope, scale=0.5)  # slow enough not to converge
+    loop.estimator.predictor = OraclePredictor(dev.microscope, scale=0.5)  # slow enough not to converge
     planes = loop.settings.stack.planes
     dev.camera.fail_after(2 * planes + 5)  # the third stack fails part-way (real fault injection)
     records = loop.run(5)
@@ -156,7 +161,7 @@ def test_camera_failure_mid_loop_stops_cleanly():
 
 def test_slm_failure_keeps_last_good_mask():
     loop, dev = make_loop()
-    loop.predictor = OraclePredictor(dev.microscope, scale=0.5)
+    loop.estimator.predictor = OraclePredictor(dev.microscope, scale=0.5)
     frames = dev.slm.frames_shown
     dev.slm.fail_after(1)  # one more frame, then the connection is lost
     loop.run(5)
@@ -195,8 +200,8 @@ def test_stop_between_steps():
 
 def test_no_improvement_restores_best():
     loop, dev = make_loop()
-    oracle = loop.predictor
-    loop.predictor = OraclePredictor(dev.microscope, scale=-0.2)  # makes things worse
+    oracle = loop.estimator.predictor
+    loop.estimator.predictor = OraclePredictor(dev.microscope, scale=-0.2)  # makes things worse
     loop.patience = 2
     loop.run(6)
     assert loop.stop_reason.startswith("no improvement")
@@ -219,7 +224,7 @@ def test_null_depth_metric():
 def test_modal_corrector_reduces_residual():  # the classical baseline, 3 modes (~4 s)
     s = small_settings()
     dev = sim_devices(s, {5: 0.4, 6: -0.3, 11: 0.3})
-    loop = AlignmentLoop(dev, s, corrector="modal", modal_options={"modes": [5, 6, 11], "bias_rad": 0.5})
+    loop = AlignmentLoop(dev, s, make_estimator("modal", s, modes=[5, 6, 11], bias_rad=0.5))
     loop.zero_slm()
     start = loop.true_residual_rms()
     for _ in range(3):
@@ -260,7 +265,7 @@ def test_loop_converges_with_shipped_model_on_simulated_microscope():
     predictor = Predictor.load(SHIPPED, settings=s)
     dev = sim_devices(s, None, bead_um=(0.1, -0.06, 0.1), seed=7)
     with dev:
-        loop = AlignmentLoop(dev, s, predictor=predictor)
+        loop = AlignmentLoop(dev, s, make_estimator("model", s, predictor))
         loop.zero_slm()
         start = loop.true_residual_rms()
         records = [loop.correct_once(iteration=k) for k in range(3)]

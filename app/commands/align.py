@@ -72,6 +72,7 @@ def run_trial(settings: Any, iterations: int, corrector: str = "model", gain: fl
     the state after k corrections (true residual; null depth and correlation of its stack)."""
     from contextlib import nullcontext
 
+    from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
 
     if devices is None:
@@ -81,7 +82,7 @@ def run_trial(settings: Any, iterations: int, corrector: str = "model", gain: fl
     else:
         ctx = nullcontext(devices)
     with ctx as dev:
-        loop = AlignmentLoop(dev, settings, predictor=predictor, corrector=corrector,
+        loop = AlignmentLoop(dev, settings, make_estimator(corrector, settings, predictor),
                              calibration=calibration, acquire_stack=acquire_stack, truth_metrics=False)
         loop.zero_slm()
 

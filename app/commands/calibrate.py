@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
     from autoalign.app.cli import device_settings
     from autoalign.hardware.factory import open_devices
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {}
     ok = True
     with open_devices(s) as dev:
-        loop = AlignmentLoop(dev, s)
+        loop = AlignmentLoop(dev, s, make_estimator("model", s))
         loop.zero_slm()
         if args.what in ("poke", "both"):
             from autoalign.calibration.poke import run_poke_calibration

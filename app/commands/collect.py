@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autoalign.app.collect import BeadWalk
+    from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
     from autoalign.app.cli import device_settings
     from autoalign.hardware.factory import open_devices
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     seeded = args.seed is not None and args.backend == "sim"
     s = device_settings(args, **({"simulation.seed": args.seed} if seeded else {}))
     with open_devices(s) as dev:
-        loop = AlignmentLoop(dev, s, corrector="model")
+        loop = AlignmentLoop(dev, s, make_estimator("model", s))
         walk = BeadWalk(loop, args.out, rounds=args.rounds, random_aberration_rms=args.random_aberration,
                         seed=args.seed, apply_model=not args.no_model)
         if args.no_model:

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import numpy as np
 from PyQt5 import QtCore
 
+from autoalign.app.estimators import make_estimator
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def _default_load_predictor(settings):
 def _default_make_loop(devices, settings, predictor, callbacks):
     from autoalign.app.loop import AlignmentLoop
 
-    return AlignmentLoop(devices, settings, predictor=predictor, callbacks=callbacks)
+    return AlignmentLoop(devices, settings, make_estimator("model", settings, predictor), callbacks=callbacks)
 
 
 class _LoopCallbacks:
@@ -242,7 +244,7 @@ class AlignWorker(QtCore.QObject):
             self._close_devices(devices)
             raise
         if self.initial_corrector != "model":
-            loop.corrector = self.initial_corrector
+            loop.estimator = make_estimator(self.initial_corrector, s, self.predictor)
         info["corrector"] = getattr(loop, "corrector", "model")
         with self._lock:
             self.loop = loop
@@ -304,7 +306,7 @@ class AlignWorker(QtCore.QObject):
         """``"model"`` (the CNN) or ``"modal"`` (classical sensorless modal AO, many stacks)."""
         if corrector not in ("model", "modal"):
             raise ValueError(f"corrector must be 'model' or 'modal', got {corrector!r}")
-        self.loop.corrector = corrector
+        self.loop.estimator = make_estimator(corrector, self.settings, self.predictor)
         if hasattr(self.loop, "best_score"):   # scores of the two correctors don't compare
             self.loop.best_score = float("inf")
         self.log.emit(f"Corrector: {corrector}")

@@ -19,9 +19,12 @@ Metrics (``metric=``):
   with azimuthal order 1 (coma, tip/tilt) to first order, so it cannot correct astigmatism,
   trefoil or spherical aberration; kept for comparison.
 
-:class:`ModalCorrector` plugs into :class:`app.loop.AlignmentLoop` as ``corrector="modal"``: its
-:meth:`estimate` returns the aberration estimate (``-x*`` per mode) exactly like a model's
-prediction, so the loop applies ``-gain * estimate`` with all its safety checks.
+:class:`ModalEstimator` is an :class:`autoalign.estimator.Estimator` (name ``"modal"``,
+``probes`` True): its :meth:`~ModalEstimator.estimate` returns the aberration estimate (``-x*``
+per mode) exactly like a model's prediction, so the loop applies ``-gain * estimate`` with all its
+safety checks. It acquires only through the loop's public API (:class:`autoalign.estimator.ProbeHost`:
+``probe``, ``restore``, ``ideal_sections``, ``correction``); a stop request surfaces as the host's
+exception from ``probe``.
 """
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ from typing import Any
 import numpy as np
 
 from autoalign.calibration.centroid import background_and_noise
+from autoalign.calibration.measurement import to_photons
+from autoalign.calibration.metrics import correlation, null_depth
+from autoalign.estimator import Estimate, Estimator, MeasurementLike, ProbeHost
 
-log = logging.getLogger("autoalign.baseline")
+log = logging.getLogger("autoalign.modal")
 
 
 def sharpness(stack_photons: np.ndarray, threshold_sigma: float = 2.0) -> float:
@@ -60,50 +66,68 @@ def parabola_optimum(bias: float, m_minus: float, m_zero: float, m_plus: float,
     return float(np.clip(x, -max_step * bias, max_step * bias))
 
 
-class ModalCorrector:
-    """Model-free modal sensorless AO driving the loop's devices (see the module docstring)."""
+class ModalEstimator(Estimator):
+    """Model-free modal sensorless AO acquiring through the loop (see the module docstring).
 
-    def __init__(self, loop: Any, modes: list[int] | None = None, bias_rad: float = 0.5,
+    ``modes``: Noll indices scanned (default ``settings.model.modes`` of the host);
+    ``bias_rad``: the bias ``b``; ``metric``: ``"correlation"``, ``"sharpness"`` or
+    ``"null_depth"``; ``max_step``: clip of the parabola's optimum in units of ``b``.
+    ``score`` of its estimates is minus the correlation with the ideal donut (lower is better);
+    ``residual_rms`` is None (the scan does not read the residual, so it never declares
+    convergence)."""
+
+    name = "modal"
+    probes = True
+
+    def __init__(self, modes: list[int] | None = None, bias_rad: float = 0.5,
                  metric: str = "correlation", max_step: float = 1.5) -> None:
         if metric not in ("sharpness", "correlation", "null_depth"):
             raise ValueError(f"unknown metric {metric!r}")
-        self.loop = loop
-        self.modes = list(modes or loop.settings.model.modes)
+        self._modes = list(modes) if modes else None
         self.bias = float(bias_rad)
         self.metric = metric
         self.max_step = float(max_step)
+        self.host: ProbeHost | None = None
         self.last_metrics: dict[int, tuple[float, float, float]] = {}
 
-    def measure(self, m: Any) -> float:
-        """The metric of an analysed measurement (higher is better); NaN when invalid."""
-        from autoalign.app.loop import correlation, null_depth
+    def attach(self, host: ProbeHost) -> None:
+        self.host = host
 
+    def _host(self) -> ProbeHost:
+        if self.host is None:
+            raise RuntimeError("the modal estimator acquires its stacks through a loop: attach() it first")
+        return self.host
+
+    @property
+    def modes(self) -> list[int]:
+        if self._modes is not None:
+            return list(self._modes)
+        return [int(m) for m in self._host().settings.model.modes]
+
+    def measure(self, m: MeasurementLike) -> float:
+        """The metric of an analysed measurement (higher is better); NaN when invalid."""
         if not m.valid:
             return float("nan")
         if self.metric == "sharpness":
-            return sharpness(self.loop._to_photons(m.stack.data))
+            return sharpness(to_photons(m.stack.data, self._host().settings.camera))
         if self.metric == "correlation":
-            return correlation(m.sections - m.background_photons, self.loop.ideal_sections())
+            return correlation(m.sections - m.background_photons, self._host().ideal_sections())
         return -null_depth(m.sections, m.background_photons)
 
-    def estimate(self, m0: Any) -> dict[int, float]:
-        """Aberration estimate {mode: rad} around the loop's current correction, from the
-        unbiased measurement ``m0`` and 2 biased stacks per mode. The SLM shows the loop's
+    def estimate(self, measurement: MeasurementLike) -> Estimate:
+        """Aberration estimate {mode: rad} around the host's current correction, from the
+        unbiased ``measurement`` and 2 biased stacks per mode. The SLM shows the host's
         correction again afterwards (also after a stop request or a camera failure)."""
-        from autoalign.app.loop import LoopStopped
-
-        loop = self.loop
-        base = loop.correction.copy()
-        metric0 = self.measure(m0)
+        host = self._host()
+        if not self.modes:
+            return Estimate({}, valid=False, reason="modal scan: no modes to scan", source=self.name)
+        base = host.correction.copy()
+        metric0 = self.measure(measurement)
         estimate: dict[int, float] = {}
         self.last_metrics = {}
         try:
             for j in self.modes:
-                values = []
-                for sign in (-1.0, 1.0):
-                    loop._check_stop()
-                    loop._show(base.plus({j: sign * self.bias}))
-                    values.append(self.measure(loop.acquire()))
+                values = [self.measure(host.probe(base.plus({j: sign * self.bias}))) for sign in (-1.0, 1.0)]
                 mm, mp = values
                 x = parabola_optimum(self.bias, mm, metric0, mp, self.max_step)
                 self.last_metrics[j] = (mm, metric0, mp)
@@ -111,12 +135,14 @@ class ModalCorrector:
                 log.debug("mode %d: metric %.4f / %.4f / %.4f -> step %+.3f rad", j, mm, metric0, mp, x)
         finally:
             try:
-                loop._show(base)
+                host.restore()
             except Exception:  # noqa: BLE001 - the SLM itself may be the failed device
                 log.warning("could not restore the correction on the SLM after the modal scan")
-        if not estimate:
-            raise LoopStopped()
-        return estimate
+        # the loop keeps the best correction by score: the correlation with the ideal donut
+        # (whatever the scan's metric), as before the estimator interface
+        score = -correlation(measurement.sections - measurement.background_photons, host.ideal_sections())
+        return Estimate(estimate, None, None, True, "", self.name, residual_rms=None, score=score,
+                        extras={"metrics": dict(self.last_metrics)})
 
 
-__all__ = ["ModalCorrector", "sharpness", "parabola_optimum"]
+__all__ = ["ModalEstimator", "sharpness", "parabola_optimum"]

@@ -1,0 +1,113 @@
+"""The donut the SLM is asked to make, and the references it is judged against.
+
+* :func:`build_pupil_phase`: float phase (rad) that ``SLM.show`` takes for a :class:`Correction`.
+* :func:`slm_grid`: the pupil grid size of an SLM.
+* :func:`ideal_reference`: the unaberrated donut seen through the measurement pipeline
+  (noise-free), giving the correlation reference and the null-depth floor of the bead.
+* :func:`true_residual_rms`, :func:`true_null_depth`: the simulated microscope's truth (None for
+  real hardware).
+
+Conventions: pupil coordinates unit radius at the NA; mask offset in pupil radii; Zernike Noll from
+1, radians; sections xy[y, x], xz[z, x], yz[z, y].
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from autoalign.calibration import centroid as cen
+from autoalign.calibration.measurement import analyse_stack
+from autoalign.calibration.metrics import null_depth, true_focal_null_depth
+from autoalign.correction import Correction
+from autoalign.hardware.acquisition import acquire_stack
+from autoalign.settings import Settings
+from autoalign.simulation import phase as ph
+
+log = logging.getLogger("autoalign.calibration.donut")
+
+
+def build_pupil_phase(settings: Settings, correction: Correction, m: int) -> np.ndarray:
+    """Float phase (rad) on the m x m pupil grid that ``SLM.show`` takes: the beam's mask (vortex
+    of the configured charge, shifted by ``correction.mask_offset``) plus the Zernike correction,
+    zero outside the pupil. One place builds it: :func:`simulation.phase.total_phase` (the same
+    function the simulated microscope subtracts to read back what the SLM applies)."""
+    return np.asarray(ph.total_phase(settings, m, coefficients=correction.coefficients or None,
+                                     mask_offset=correction.mask_offset), dtype=float)
+
+
+def slm_grid(slm: Any, settings: Settings) -> int:
+    """Size m of the m x m pupil grid a phase for ``slm`` is built on (the SLM's own when it
+    says, else ``optics.pupil_samples``)."""
+    for attr in ("pupil_samples", "pupil_grid_size", "m"):
+        value = getattr(slm, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(settings.optics.pupil_samples)
+
+
+def ideal_reference(settings: Settings) -> dict[str, Any]:
+    """The unaberrated donut through the measurement pipeline, noise-free: a simulated microscope
+    without aberration, the configured bead and camera, the vortex on a simulated SLM, a stack
+    acquired and analysed exactly like a measurement. Returns ``{"sections": (3, n, n)
+    background removed, xy peak 1, "null_depth": the measured null-depth floor of the bead}``."""
+    # the simulated devices are only needed here (a real set-up computes its reference once)
+    from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
+    from autoalign.simulation.microscope import SimulatedMicroscope
+
+    s = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
+    mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
+                              drift_um_per_step=0.0, noise=False)
+    cam, focus, slm = SimulatedCamera(mic), SimulatedFocusStage(mic), SimulatedSLM(mic)
+    for dev in (cam, focus, slm):
+        dev.open()
+    slm.show(build_pupil_phase(s, Correction(), slm_grid(slm, s)))
+    try:
+        saturation = float(cam.saturation_adu)
+    except Exception:  # noqa: BLE001
+        saturation = None
+    m = analyse_stack(acquire_stack(cam, focus, s), settings, saturation)
+    if not m.valid:  # pragma: no cover - the unaberrated donut is always a valid bead
+        raise RuntimeError(f"reference donut refused: {m.reason}")
+    sections = m.sections - m.background_photons
+    return {"sections": sections / max(float(sections[0].max()), 1e-12),
+            "null_depth": null_depth(m.sections, m.background_photons)}
+
+
+def true_residual_rms(microscope: Any) -> float | None:
+    """True residual wavefront RMS (rad, Noll >= 5) on the simulated microscope, else None."""
+    if microscope is None or not hasattr(microscope, "residual_rms"):
+        return None
+    try:
+        return float(microscope.residual_rms())
+    except Exception:  # noqa: BLE001 - a report, never a failure
+        log.debug("residual_rms failed", exc_info=True)
+        return None
+
+
+def true_null_depth(microscope: Any, settings: Settings) -> float | None:
+    """TRUE null depth of the beam now on the SLM (simulated microscope only, else None):
+    centre over peak of the beam's own focal intensity from the microscope's truth (hidden
+    aberration + what the SLM shows, mask misregistration included), noise-free and without
+    the bead. A stack of the beam around its nominal focus is rendered, its focal plane found by
+    the robust centroid, and :func:`true_focal_null_depth` taken in that plane (sub-pixel minimum
+    of the cubic-spline-interpolated intensity over the plane's maximum; the exact unaberrated
+    vortex gives < 1e-4)."""
+    mic = microscope
+    if mic is None or not hasattr(mic, "pupil_phase") or not hasattr(mic, "aberration"):
+        return None
+    try:
+        z = (np.arange(settings.stack.planes) - settings.stack.planes // 2) * settings.stack.z_step_um
+        coeffs = np.asarray(mic.aberration, dtype=float)
+        # the microscope's own renderer, without the bead's offset (tip/tilt), blur or noise
+        inten = mic.simulator.stack(coeffs, z_um=z, pupil_phase=mic.pupil_phase(), include_mask=False)
+        inten = np.asarray(inten, dtype=float)
+        centre = cen.robust_stack_centroid(inten + 1e-6)
+        return true_focal_null_depth(cen.centred_sections(inten, centre, fill=0.0)[0])
+    except Exception:  # noqa: BLE001 - a report, never a failure
+        log.debug("true_null_depth failed", exc_info=True)
+        return None
+
+
+__all__ = ["build_pupil_phase", "slm_grid", "ideal_reference", "true_residual_rms", "true_null_depth"]
