@@ -2,8 +2,8 @@
 
 * :mod:`hardware.base`: the abstract devices (Camera, FocusStage, XYStage, SLM), ``Stack`` and the
   project's device exceptions.
-* :mod:`hardware.slm_display`: phase (radians) to grey levels (:class:`PhaseToGrey`), the Qt SLM
-  window and the slmPy adapter.
+* :mod:`hardware.slm`: phase (radians) to grey levels (``slm.convert.PhaseToGrey``), the base of
+  the SLM backends (``slm.device.ConvertingSLM``), the Qt SLM window and the slmPy adapter.
 * :mod:`hardware.simulated`: devices of the simulated microscope.
 * :mod:`hardware.micromanager`: camera and stages through Micro-Manager (pycromanager).
 * :mod:`hardware.acquisition`: ``acquire_stack(camera, focus, settings)``.

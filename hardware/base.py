@@ -154,7 +154,7 @@ class SLM(Device):
     def show(self, phase_rad: np.ndarray) -> None:
         """Display a phase (radians, float) given on a square ``(m, m)`` pupil grid of any size
         spanning the pupil diameter (``simulation.phase.pupil_grid``; indexed ``[v, u]``); the
-        SLM maps it onto its pixels (``hardware.slm_display.PhaseToGrey``). Invalid input raises
+        SLM maps it onto its pixels (``hardware.slm.convert.PhaseToGrey``). Invalid input raises
         :class:`SLMInputError` and the last good image stays on the SLM."""
 
     @property

@@ -71,11 +71,11 @@ def make_slm(settings: "Settings", microscope: "SimulatedMicroscope | None" = No
 
         return SimulatedSLM(microscope)
     if backend == "qt":
-        from autoalign.hardware.slm_display import QtSLMWindow
+        from autoalign.hardware.slm.qt_window import QtSLMWindow
 
         return QtSLMWindow.from_settings(settings, force=force)
     if backend == "slmpy":
-        from autoalign.hardware.slm_display import SlmPyAdapter
+        from autoalign.hardware.slm.slmpy_adapter import SlmPyAdapter
 
         return SlmPyAdapter.from_settings(settings)
     raise DeviceError(f"slm.backend = {backend!r}: expected 'simulated', 'qt' or 'slmpy'")

@@ -3,7 +3,7 @@
 First-class implementations of :mod:`hardware.base`: the camera renders what the microscope sees
 (from the grey image the simulated SLM shows), the stages move the microscope's stage with the
 travel limits of ``settings.stage`` (relative to the start position, 0), the SLM converts phases
-with the same :class:`hardware.slm_display.PhaseToGrey` as the real backends.
+with the same :class:`hardware.slm.convert.PhaseToGrey` as the real backends.
 
 Fault injection for tests: every device has ``fail_after(n, error=DeviceNotConnected)``: the next
 ``n`` operations succeed, the one after raises ``error`` (a lost connection by default) and so does
@@ -26,7 +26,8 @@ from autoalign.hardware.base import (
     StageLimitError,
     XYStage,
 )
-from autoalign.hardware.slm_display import ConvertingSLM, PhaseToGrey
+from autoalign.hardware.slm.convert import PhaseToGrey
+from autoalign.hardware.slm.device import ConvertingSLM
 
 if TYPE_CHECKING:  # pragma: no cover
     from autoalign.simulation.microscope import SimulatedMicroscope

@@ -17,7 +17,7 @@ Hidden truth
 Rendering
 ---------
 The pupil phase is decoded from the SLM's grey image with the SLM geometry
-(:meth:`hardware.slm_display.PhaseToGrey.decode_at`: pupil centre/radius, flips, split screen,
+(:meth:`hardware.slm.convert.PhaseToGrey.decode_at`: pupil centre/radius, flips, split screen,
 flatness, LUT, 8-bit wrapping all exercised) at the simulator's pupil nodes, shifted by
 ``mask_offset``; the hidden aberration is added, the beam's own mask is left out (the SLM makes
 the vortex). The bead's lateral offset from the stage, ``d = bead - stage``, enters exactly as
@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from autoalign.hardware.slm.convert import PhaseToGrey
+from autoalign.settings import Settings, load_settings
 from autoalign.simulation.noise import CameraModel, blur_by_bead
 from autoalign.simulation.phase import fit_zernike, mask_phase
 from autoalign.simulation.vectorial import PSFSimulator
 from autoalign.simulation.zernike import CoefficientsLike, coefficients_to_array, rms
-
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import Settings
-    from autoalign.hardware.slm_display import PhaseToGrey
 
 __all__ = ["SimulatedMicroscope", "draw_aberration", "simulator_for"]
 
@@ -113,9 +111,6 @@ class SimulatedMicroscope:
         slm_geometry: "PhaseToGrey | None" = None,
         image_transform: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        from autoalign.settings import load_settings
-        from autoalign.hardware.slm_display import PhaseToGrey
-
         s = load_settings(settings)
         self.settings = s
         sim_s = s.simulation

@@ -1,6 +1,6 @@
 """Pupil phases on a square pupil grid: the float phases (radians) that ``hardware.SLM.show`` takes.
 
-Grid convention (shared with :class:`hardware.slm_display.PhaseToGrey`)
+Grid convention (shared with :class:`hardware.slm.convert.PhaseToGrey`)
 -----------------------------------------------------------------------
 An ``m x m`` grid spans the pupil diameter: pupil coordinates ``u`` (x) and ``v`` (y) in pupil
 radii, cell centres at ``-1 + (i + 0.5) * 2 / m``, arrays indexed ``[v, u]`` (row = y). A cell is

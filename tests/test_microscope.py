@@ -8,7 +8,7 @@ from autoalign.settings import load_settings
 from autoalign.hardware.acquisition import acquire_stack
 from autoalign.hardware.factory import open_devices
 from autoalign.hardware.simulated import SimulatedSLM
-from autoalign.hardware.slm_display import PhaseToGrey
+from autoalign.hardware.slm.convert import PhaseToGrey
 from autoalign.simulation.microscope import SimulatedMicroscope
 from autoalign.simulation.phase import total_phase
 

@@ -13,7 +13,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from autoalign.settings import load_settings  # noqa: E402
 from autoalign.hardware.base import DeviceError, DeviceNotConnected, SLMInputError  # noqa: E402
-from autoalign.hardware.slm_display import PhaseToGrey, QtSLMWindow, SlmPyAdapter  # noqa: E402
+from autoalign.hardware.slm import PhaseToGrey, QtSLMWindow, SlmPyAdapter  # noqa: E402
 from autoalign.simulation.phase import total_phase  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from autoalign.settings import load_settings
 from autoalign.hardware.base import SLMInputError
-from autoalign.hardware.slm_display import PhaseToGrey, SLMConfigError, load_flatness, load_lut
+from autoalign.hardware.slm.convert import PhaseToGrey, SLMConfigError, load_flatness, load_lut
 
 PI = math.pi
 # A 2 x 2 pupil grid [v, u]: a (v<0, u<0), b (v<0, u>0), c (v>0, u<0), d (v>0, u>0).
