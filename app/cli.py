@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any
 
-from autoalign.settings import SettingsError
+from autoalign.settings import SettingsError, load_settings
 
 # Subcommand modules, in help order. A module listed here that does not exist yet is skipped.
 COMMAND_MODULES = [
@@ -51,8 +51,6 @@ def device_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     """Settings for a command that opens devices: ``args.settings`` with ``hardware.backend``
     from ``args.backend`` ('sim' or 'micromanager'), ``model.checkpoint`` from
     ``args.checkpoint`` when given, and any further dotted-key ``overrides``."""
-    from autoalign.settings import load_settings
-
     over: dict[str, Any] = {
         "hardware.backend": "micromanager" if args.backend == "micromanager" else "simulated"
     }

@@ -22,8 +22,10 @@ from autoalign.calibration.measurement import analyse_stack
 from autoalign.calibration.metrics import null_depth, true_focal_null_depth
 from autoalign.correction import Correction
 from autoalign.hardware.acquisition import acquire_stack
+from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
 from autoalign.settings import Settings
 from autoalign.simulation import phase as ph
+from autoalign.simulation.microscope import SimulatedMicroscope
 
 log = logging.getLogger("autoalign.calibration.donut")
 
@@ -52,10 +54,6 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
     without aberration, the configured bead and camera, the vortex on a simulated SLM, a stack
     acquired and analysed exactly like a measurement. Returns ``{"sections": (3, n, n)
     background removed, xy peak 1, "null_depth": the measured null-depth floor of the bead}``."""
-    # the simulated devices are only needed here (a real set-up computes its reference once)
-    from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
-    from autoalign.simulation.microscope import SimulatedMicroscope
-
     s = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
     mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
                               drift_um_per_step=0.0, noise=False)

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autoalign.hardware.base import Camera, DeviceError, FocusStage, Stack, XYStage
-
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import Settings
+from autoalign.settings import Settings
 
 log = logging.getLogger(__name__)
 

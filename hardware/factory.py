@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autoalign.hardware.base import Camera, Device, DeviceError, FocusStage, SLM, XYStage
+from autoalign.settings import Settings, load_settings
 
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import Settings
+if TYPE_CHECKING:  # pragma: no cover - annotations only; the simulation (torch) loads on use
     from autoalign.simulation.microscope import SimulatedMicroscope
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,15 @@ def make_slm(settings: "Settings", microscope: "SimulatedMicroscope | None" = No
                 "slm.backend = 'simulated' needs the simulated microscope (hardware.backend = 'simulated'); "
                 "with real hardware choose slm.backend 'qt' or 'slmpy'"
             )
-        from autoalign.hardware.simulated import SimulatedSLM
+        from autoalign.hardware.simulated import SimulatedSLM  # backends load on use (torch)
 
         return SimulatedSLM(microscope)
     if backend == "qt":
-        from autoalign.hardware.slm.qt_window import QtSLMWindow
+        from autoalign.hardware.slm.qt_window import QtSLMWindow  # backends load on use (PyQt5)
 
         return QtSLMWindow.from_settings(settings, force=force)
     if backend == "slmpy":
-        from autoalign.hardware.slm.slmpy_adapter import SlmPyAdapter
+        from autoalign.hardware.slm.slmpy_adapter import SlmPyAdapter  # backends load on use (slmPy)
 
         return SlmPyAdapter.from_settings(settings)
     raise DeviceError(f"slm.backend = {backend!r}: expected 'simulated', 'qt' or 'slmpy'")
@@ -87,12 +87,10 @@ def open_devices(settings: "Settings | str | None" = None, *, force_slm: bool = 
     ``microscope_kwargs`` go to :class:`SimulatedMicroscope` (e.g. ``seed``, ``aberration``,
     ``noise``) with the simulated backend; ``force_slm`` lets the Qt SLM window open over the GUI's
     screen or a screen of another size."""
-    from autoalign.settings import load_settings
-
     s = load_settings(settings)
     backend = s.hardware.backend
     microscope = None
-    if backend == "simulated":
+    if backend == "simulated":  # backends load on use (the simulation needs torch)
         from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedXYStage
         from autoalign.simulation.microscope import SimulatedMicroscope
 
@@ -103,7 +101,7 @@ def open_devices(settings: "Settings | str | None" = None, *, force_slm: bool = 
         if microscope_kwargs:
             raise TypeError(f"simulated-microscope options {sorted(microscope_kwargs)} given with hardware.backend "
                             "= 'micromanager'")
-        from autoalign.hardware.micromanager import (
+        from autoalign.hardware.micromanager import (  # backends load on use (pycromanager)
             MicroManagerCamera,
             MicroManagerConnection,
             MicroManagerFocusStage,

@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +39,7 @@ from autoalign.hardware.base import (
     StageLimitError,
     XYStage,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import MicroManagerSettings, Settings
+from autoalign.settings import MicroManagerSettings, Settings
 
 log = logging.getLogger(__name__)
 

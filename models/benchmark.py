@@ -7,13 +7,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoalign.settings import load_settings
+
 
 def inference_benchmark(checkpoint_path: str, settings: Any, repeats: int = 200, batch: int = 64,
                         batch_repeats: int = 20, force: bool = True) -> dict[str, Any]:
     """Time :meth:`Predictor.predict` on one triplet (preparation included; median and 90th
     percentile of ``repeats`` calls, ms) and :meth:`Predictor.predict_batch` on ``batch`` triplets
     (median, ms, and triplets/s), on the CPU with the current torch thread count."""
-    from autoalign.settings import load_settings
     from autoalign.models.networks import count_parameters
     from autoalign.models.predictor import Predictor
     from autoalign.simulation import PSFSimulator

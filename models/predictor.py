@@ -29,6 +29,7 @@ from torch import nn
 
 from autoalign.models.data import prepare_sections
 from autoalign.models.networks import Normaliser, build_network
+from autoalign.settings import load_settings
 
 CHECKPOINT_FORMAT = "autoalign-checkpoint/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -210,8 +211,6 @@ class Predictor:
              device: str | torch.device | None = None) -> "Predictor":
         """Load ``path`` (None: ``settings.model.checkpoint``; relative paths from the repository
         root), verify it and refuse it when made for other optics unless ``force``."""
-        from autoalign.settings import load_settings
-
         settings = load_settings(settings)
         p = resolve_checkpoint_path(path, settings)
         ckpt = read_checkpoint(p)

@@ -29,6 +29,7 @@ from autoalign.models.predictor import (
     CheckpointError, build_model, optics_lock, read_checkpoint, save_checkpoint,
 )
 from autoalign.simulation.dataset import code_version, dataset_settings
+from autoalign.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     summary (best epoch and validation loss, per-mode validation RMSE, time)."""
     from tqdm import tqdm
 
-    from autoalign.settings import load_settings
 
     settings = load_settings(settings)
     t_start = time.time()

@@ -8,13 +8,11 @@ numpy arrays (or torch tensors for the training-time noise in ``models.data``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import Settings
+from autoalign.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from autoalign.settings import Settings, load_settings
 from autoalign.simulation.pupil import Beam, Polarisation, beam_mask, beam_phase, debye_pupil_field, input_jones
 from autoalign.simulation.zernike import CoefficientsLike, coefficients_to_array, zernike_basis
-
-if TYPE_CHECKING:  # pragma: no cover
-    from autoalign.settings import Settings
 
 
 def chord_quadrature(n_alpha: int, n_chord: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,8 +158,6 @@ class PSFSimulator:
         """Build from a settings file or object. Keyword overrides: any ``Optics`` field
         (e.g. ``beam='tophat'``, ``polarisation='linear'``) and ``pixel_size_um``, ``n_px``,
         ``z_um``, ``pupil_samples``, ``n_modes``, ``device``, ``dtype``."""
-        from autoalign.settings import load_settings
-
         s = load_settings(settings)
         o = s.optics
         optics_kwargs = dict(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 log = logging.getLogger("autoalign.align")
 
@@ -181,8 +182,6 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoalign.settings import load_settings
-
     base = load_settings(args.settings)
     iterations = args.iterations or base.loop.max_iterations
     calibration = None

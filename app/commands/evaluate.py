@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoalign.settings import load_settings
     from autoalign.models.evaluate import evaluate, plot_error_hist, plot_scatter, to_json
 
     settings = load_settings(args.settings) if args.settings else None

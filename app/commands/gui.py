@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from autoalign.settings import load_settings
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from autoalign.app.cli import add_settings_argument
@@ -34,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autoalign.app.gui import run_app, simulated_settings
-    from autoalign.settings import load_settings
 
     settings = load_settings(args.settings)
     if args.sim:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoalign.settings import load_settings
     from autoalign.simulation.dataset import dataset_info, write_dataset
 
     settings = load_settings(args.settings)

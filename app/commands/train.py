@@ -6,6 +6,7 @@ import argparse
 import json
 
 from autoalign.app.cli import add_settings_argument
+from autoalign.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autoalign.settings import load_settings
     from autoalign.models.train import plot_history, train
 
     if args.threads:
