@@ -1,26 +1,15 @@
 """The closed alignment loop, orchestration only: acquire -> check -> centre -> estimate ->
-decide -> apply -> record, with callbacks. No Qt here: the GUI and the command line both drive
-:class:`AlignmentLoop` and listen through callbacks (see ``docs/loop_api.md``).
+decide -> apply -> record, with callbacks (``app.callbacks``; no Qt here, see ``docs/loop_api.md``).
 
-What each step calls (the loop owns none of the analysis):
+The steps it calls: ``hardware.acquisition.acquire_stack``; ``calibration.measurement``
+(``analyse_stack``: the refusal reasons; ``plan_centring``); any
+:class:`autoalign.estimator.Estimator` (never asked which kind it is); ``app.safety`` (the limits);
+``calibration.metrics`` and ``calibration.donut`` (phase, references, simulated truth).
 
-* acquire: ``hardware.acquisition.acquire_stack``; check: ``calibration.measurement.analyse_stack``
-  (the refusal reasons); centre: ``calibration.measurement.plan_centring``;
-* estimate: any :class:`autoalign.estimator.Estimator` (the CNN, the classical modal scan, ...);
-  the loop never asks which kind it holds;
-* metrics: ``calibration.metrics`` and ``calibration.donut`` (references, simulated truth).
-
-Safety rules, enforced in one place (:meth:`AlignmentLoop._show`):
-
-* nothing is applied from an invalid measurement (no bead, saturated, too few photons, bead at
-  the edge) or from a refused estimate (invalid, NaN/inf, a coefficient beyond
-  ``loop.max_prediction_rad``, a correction beyond ``loop.max_correction_rms_rad``);
-* the SLM only ever receives a finite phase built from a checked :class:`Correction`; if the SLM
-  refuses it, the last good mask stays and the loop's correction is not updated;
-* a device failure stops the loop cleanly; the SLM keeps the last good mask (nothing is sent
-  after the failure).
-
-Every decision goes to the ``autoalign.loop`` logger and to the ``on_log`` callback.
+Safety: nothing is applied from an invalid measurement or a refused estimate; the SLM only ever
+receives a finite phase built from a checked :class:`Correction` (one place: :meth:`_show`); if the
+SLM refuses it the last good mask stays; a device failure stops the loop cleanly and nothing is
+sent after it. Every decision goes to the ``autoalign.loop`` logger and the ``on_log`` callback.
 """
 from __future__ import annotations
 
@@ -34,12 +23,13 @@ from typing import Any, Callable
 import numpy as np
 
 from autoalign.app.callbacks import LoopCallbacks, notify
+from autoalign.app.safety import RefusedError, check_correction, estimate_problem
 from autoalign.calibration import donut
-from autoalign.calibration.measurement import TTD_MODES, Measurement, analyse_stack, plan_centring
-from autoalign.calibration.metrics import correlation, null_depth
+from autoalign.calibration.measurement import Measurement, analyse_stack, next_correction, plan_centring
+from autoalign.calibration.metrics import measurement_metrics, null_depth
 from autoalign.correction import Correction
 from autoalign.estimator import Estimate, Estimator
-from autoalign.hardware.acquisition import acquire_stack
+from autoalign.hardware.acquisition import acquire_stack, move_stage_by
 from autoalign.hardware.base import DeviceError, SLMInputError, Stack
 from autoalign.settings import Settings
 
@@ -66,10 +56,6 @@ class IterationRecord:
 
 class LoopStopped(Exception):
     """Raised when :meth:`AlignmentLoop.stop` was requested; never escapes ``run``."""
-
-
-class RefusedError(Exception):
-    """A correction or mask that failed a safety check; nothing was applied."""
 
 
 class AlignmentLoop:
@@ -135,8 +121,6 @@ class AlignmentLoop:
         logger.log(level, message)
         notify(self.callbacks, "on_log", message)
 
-    _log = log  # the name the calibration routines used before the public one
-
     def stop(self) -> None:
         """Ask the loop to stop; honoured between steps (thread-safe)."""
         self._stop.set()
@@ -152,19 +136,8 @@ class AlignmentLoop:
 
     # ------------------------------------------------------------------ SLM
     def check_correction(self, correction: Correction) -> None:
-        """Raise :class:`RefusedError` when a correction must not reach the SLM."""
-        lp = self.settings.loop
-        if not correction.is_finite():
-            raise RefusedError("correction contains NaN or infinity")
-        if correction.rms() > lp.max_correction_rms_rad:
-            raise RefusedError(
-                f"correction RMS {correction.rms():.3f} rad exceeds loop.max_correction_rms_rad "
-                f"= {lp.max_correction_rms_rad}")
-        big = {k: v for k, v in correction.coefficients.items() if abs(v) > 4 * lp.max_correction_rms_rad + 50}
-        if big:
-            raise RefusedError(f"correction coefficient(s) out of range: {big}")
-        if max(abs(correction.mask_offset[0]), abs(correction.mask_offset[1])) > 0.5:
-            raise RefusedError(f"mask offset {correction.mask_offset} beyond 0.5 pupil radii")
+        """Raise :class:`RefusedError` when a correction must not reach the SLM (``app.safety``)."""
+        check_correction(correction, self.settings.loop)
 
     def _show(self, correction: Correction) -> np.ndarray:
         """Check and show vortex + ``correction``; raises RefusedError (nothing shown),
@@ -251,11 +224,9 @@ class AlignmentLoop:
         return donut.true_null_depth(self.microscope, self.settings)
 
     def metrics(self, m: Measurement, prediction: dict[int, float] | None = None) -> dict[str, float]:
-        out: dict[str, float] = {"photons": float(m.photons), "peak_photons": float(m.peak_photons)}
-        valid = m.valid
-        out["null_depth"] = null_depth(m.sections, m.background_photons) if valid else math.nan
-        out["correlation_ideal"] = (correlation(m.sections - m.background_photons, self.ideal_sections())
-                                    if valid else math.nan)
+        """Image metrics of ``m`` (``calibration.metrics.measurement_metrics``), the predicted
+        residual of ``prediction`` and, with ``truth_metrics``, the simulated truth now."""
+        out = measurement_metrics(m, self.ideal_sections() if m.valid else None)
         if prediction is not None:
             out["predicted_residual_rms"] = Estimate.residual_of(prediction)
         out.update(self._truth())
@@ -269,13 +240,7 @@ class AlignmentLoop:
 
     # ------------------------------------------------------------------ centring
     def _move_stage(self, move: tuple[float, float, float]) -> None:
-        xy, focus = self.devices.xy, self.devices.focus
-        x, y = xy.position_um
-        z = focus.position_um
-        if move[0] or move[1]:
-            xy.move_to(x + move[0], y + move[1])
-        if move[2]:
-            focus.move_to(z + move[2])
+        move_stage_by(self.devices.xy, self.devices.focus, move)
         self.log("stage re-centred by (%+.3f, %+.3f, %+.3f) um", *move)
 
     def centre(self) -> Measurement:
@@ -297,21 +262,8 @@ class AlignmentLoop:
 
     # ------------------------------------------------------------------ estimation
     def check_estimate(self, est: Estimate) -> str | None:
-        """Why an estimate must not be applied (None when it may): the estimator's own refusal,
-        NaN/inf, a coefficient beyond ``loop.max_prediction_rad``, an offset beyond 0.5."""
-        if not est.valid:
-            return est.reason or f"estimator {est.source or self.corrector} refused"
-        coeffs, off = est.coefficients, est.mask_offset
-        values = list(coeffs.values()) + (list(off) if off is not None else [])
-        if not all(math.isfinite(v) for v in values):
-            return "prediction contains NaN or infinity"
-        lim = self.settings.loop.max_prediction_rad
-        big = {k: round(v, 3) for k, v in coeffs.items() if abs(v) > lim}
-        if big:
-            return f"prediction beyond loop.max_prediction_rad = {lim}: {big}"
-        if off is not None and max(abs(off[0]), abs(off[1])) > 0.5:
-            return f"predicted mask offset {off} beyond 0.5 pupil radii"
-        return None
+        """Why an estimate must not be applied, or None (``app.safety.estimate_problem``)."""
+        return estimate_problem(est, self.settings.loop)
 
     # ------------------------------------------------------------------ one iteration
     def correct_once(self, gain: float | None = None, iteration: int | None = None) -> IterationRecord:
@@ -349,12 +301,7 @@ class AlignmentLoop:
         problem = self.check_estimate(est)
         if problem:
             return record(f"refused: {problem}", metrics)
-        delta = {k: -gain * v for k, v in est.coefficients.items() if k >= 2 and k not in ttd}
-        if ttd:  # the centroid owns tip/tilt/defocus
-            delta = {k: v for k, v in delta.items() if k not in TTD_MODES}
-            delta.update(ttd)
-        off = est.mask_offset
-        new = before.plus(delta, (-gain * off[0], -gain * off[1]) if off is not None else (0.0, 0.0))
+        new = next_correction(before, est, ttd, gain)
         try:
             self.check_correction(new)
         except RefusedError as exc:

@@ -21,6 +21,8 @@ from scipy import ndimage
 
 from autoalign.calibration import centroid as cen
 from autoalign.calibration import optics as opt
+from autoalign.correction import Correction
+from autoalign.estimator import Estimate
 from autoalign.hardware.base import Stack
 from autoalign.settings import CameraSettings, Settings
 
@@ -170,5 +172,18 @@ def plan_centring(m: Measurement, settings: Settings, calibration: Any = None
     return None, {k: gain * v for k, v in ttd_from_offset((dx, dy, dz), settings, calibration).items()}
 
 
+def next_correction(before: Correction, estimate: Estimate, ttd: dict[int, float], gain: float) -> Correction:
+    """``before`` plus ``-gain`` times the estimate (Noll >= 2 and its mask offset). When the
+    centring asks for a tip/tilt/defocus ``ttd`` (rad) on the SLM, the centroid owns those modes:
+    ``ttd`` replaces the estimate's Noll 2-4; after a stage move (``ttd`` empty) the estimate's
+    own Noll 2-4 apply."""
+    delta = {k: -gain * v for k, v in estimate.coefficients.items() if k >= 2 and k not in ttd}
+    if ttd:
+        delta = {k: v for k, v in delta.items() if k not in TTD_MODES}
+        delta.update(ttd)
+    off = estimate.mask_offset
+    return before.plus(delta, (-gain * off[0], -gain * off[1]) if off is not None else (0.0, 0.0))
+
+
 __all__ = ["Measurement", "TTD_MODES", "analyse_stack", "to_photons", "edge_signal", "ttd_from_offset",
-           "stage_sign", "plan_centring"]
+           "stage_sign", "plan_centring", "next_correction"]

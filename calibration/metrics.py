@@ -6,6 +6,7 @@ Sections are ortho-sections stacked as xy[y, x], xz[z, x], yz[z, y], in photons;
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -82,4 +83,16 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / den) if den > 0 else float("nan")
 
 
-__all__ = ["null_depth", "true_focal_null_depth", "correlation"]
+def measurement_metrics(m: Any, ideal_sections: np.ndarray | None) -> dict[str, float]:
+    """Metrics of a measurement (``calibration.measurement.Measurement``): ``photons``,
+    ``peak_photons``, ``null_depth`` and ``correlation_ideal`` (with the unaberrated
+    ``ideal_sections``; both NaN for an invalid measurement)."""
+    out = {"photons": float(m.photons), "peak_photons": float(m.peak_photons),
+           "null_depth": math.nan, "correlation_ideal": math.nan}
+    if m.valid:
+        out["null_depth"] = null_depth(m.sections, m.background_photons)
+        out["correlation_ideal"] = correlation(m.sections - m.background_photons, ideal_sections)
+    return out
+
+
+__all__ = ["null_depth", "true_focal_null_depth", "correlation", "measurement_metrics"]

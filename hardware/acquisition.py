@@ -18,7 +18,7 @@ from autoalign.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["stack_positions", "acquire_stack"]
+__all__ = ["stack_positions", "acquire_stack", "move_stage_by"]
 
 
 def stack_positions(centre_um: float, planes: int, step_um: float) -> np.ndarray:
@@ -88,3 +88,15 @@ def acquire_stack(
         z_positions_um=z,
         xy_position_um=_xy_position(camera, xy),
     )
+
+
+def move_stage_by(xy: XYStage, focus: FocusStage, move_um: tuple[float, float, float]) -> None:
+    """Move the XY stage and the focus by ``move_um`` (dx, dy, dz) relative to where they are
+    (an axis with zero move is not commanded)."""
+    dx, dy, dz = move_um
+    x, y = xy.position_um
+    z = focus.position_um
+    if dx or dy:
+        xy.move_to(x + dx, y + dy)
+    if dz:
+        focus.move_to(z + dz)
