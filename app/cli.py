@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    helps = {}
     for action in sub._choices_actions:
         action.help = _plain(action.help)
+        helps[action.dest] = action.help
     for command, p in sub.choices.items():
         p.formatter_class = _ParagraphFormatter
-        p.description = _plain(p.description or "")
+        p.description = _plain(p.description or helps.get(command) or "")
         for action in p._actions:
             action.help = _plain(action.help)
         _add_common(p, top=False)
@@ -184,9 +186,10 @@ def _names(exc: BaseException) -> set[str]:
     return {c.__name__ for c in type(exc).__mro__}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """The exception's message on one line (long library messages cut, see --debug)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ... (--debug shows all)"
 
 
 def describe_error(exc: BaseException) -> tuple[str, int]:
@@ -197,7 +200,7 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C); finished work was kept", EXIT_INTERRUPTED
     if isinstance(exc, SettingsError):
-        return f"settings error: {_one_line(exc)}", EXIT_USER
+        return f"settings error: {str(exc).strip()}", EXIT_USER  # one problem per line
     if "CheckpointError" in names:
         return (f"model checkpoint error: {_one_line(exc)}; give a valid one with --checkpoint or "
                 "model.checkpoint, or train one with 'autoalign train'"), EXIT_USER
@@ -218,9 +221,13 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
 
 
 def _announce_settings(args: argparse.Namespace) -> None:
-    from autoalign.settings import resolve_settings_path
+    from autoalign.settings import DEMO_MICROMANAGER_SETTINGS_PATH, resolve_settings_path
 
+    if getattr(args, "demo_micromanager", False):
+        args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
     path, how = resolve_settings_path(args.settings)
+    if getattr(args, "demo_micromanager", False):
+        how = "--demo-micromanager: Micro-Manager demo devices, simulated SLM, a wiring demo"
     args.settings = str(path)
     args.settings_how = how
     print(f"autoalign {args.command}: settings {path} ({how})", file=sys.stderr)

@@ -36,6 +36,8 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent / "settings.yaml"
+#: Packaged wiring demo: Micro-Manager demo devices (mm-test-adapters) with the simulated SLM.
+DEMO_MICROMANAGER_SETTINGS_PATH = Path(__file__).resolve().parent / "demo_micromanager.yaml"
 #: Version of the settings-file format written and understood by this autoalign.
 SETTINGS_FORMAT_VERSION = 1
 #: Dotted keys holding file or folder paths; relative values resolve against the settings file's folder.
@@ -483,9 +485,11 @@ def settings_from_dict(data: Any, source: str = "<memory>") -> Settings:
     if not errors:
         settings = dataclasses.replace(settings, source=source)
         _cross_checks(settings, errors)
+    if len(errors) == 1:
+        raise SettingsError(f"{source}: {errors[0]}")
     if errors:
         lines = "\n  ".join(errors)
-        raise SettingsError(f"{source}: {len(errors)} problem(s) in the settings:\n  {lines}")
+        raise SettingsError(f"{source}: {len(errors)} problems in the settings:\n  {lines}")
     return settings
 
 
@@ -519,9 +523,11 @@ def resolve_path_value(value: str, folder: Path, packaged: bool = False) -> str:
     if p.is_absolute():
         return str(p)
     candidate = folder / p
-    if packaged and not candidate.exists() and p.parts and p.parts[0] in _SUBPACKAGES:
+    if not candidate.exists() and p.parts and p.parts[0] in _SUBPACKAGES:
+        # e.g. models/weights/default.pt: the installed package's file (the shipped weights), also
+        # from a copy of the defaults ('autoalign settings --write') in another folder
         location = _package_location(p.parts[0])
-        if location is not None:
+        if location is not None and (packaged or location.joinpath(*p.parts[1:]).exists()):
             candidate = location.joinpath(*p.parts[1:])
     return str(candidate.resolve() if candidate.exists() else Path(os.path.abspath(candidate)))
 

@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from autoalign.calibration import optics as opt
+from autoalign.files import UserError
 
 log = logging.getLogger("autoalign.calibration")
 
@@ -39,7 +40,7 @@ POKE_KIND = "autoalign poke calibration"
 POKE_FORMAT_VERSION = 1
 
 
-class PokeCalibrationError(ValueError):
+class PokeCalibrationError(UserError, ValueError):
     """A poke-calibration file that cannot be used (names the file and the problem)."""
 
 
@@ -164,6 +165,27 @@ class PokeCalibration:
         return out
 
 
+def load_matching_calibration(settings: Any, explicit: str | Path | None = None,
+                              disabled: bool = False) -> tuple["PokeCalibration | None", str]:
+    """The poke calibration to use with ``settings`` and a one-line message saying which (for the
+    log / GUI). ``explicit``: that file, refused (:class:`PokeCalibrationError`) when made for other
+    optics. Else the saved one at :func:`default_calibration_path` when its optics match; one made
+    for other optics is ignored with a message; none: the optics formulas (message empty)."""
+    if disabled:
+        return None, "poke calibration disabled; using the optics formulas"
+    if explicit:
+        cal = PokeCalibration.load(explicit, settings=settings, strict=True)
+        return cal, f"using the poke calibration {explicit} (made {cal.created})"
+    path = default_calibration_path(settings)
+    if not path.exists():
+        return None, ""
+    try:
+        cal = PokeCalibration.load(path, settings=settings, strict=True)
+    except PokeCalibrationError as exc:
+        return None, f"ignoring the saved poke calibration (using the optics formulas): {exc}"
+    return cal, f"using the saved poke calibration {path} (made {cal.created}; its optics match these settings)"
+
+
 def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: float | None = None,
                          use: bool = True) -> PokeCalibration:
     """Poke tip, tilt and defocus by +-``amplitude_rad`` (6 stacks; 2 more per stage axis when
@@ -247,4 +269,4 @@ def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
 
 
 __all__ = ["PokeCalibration", "PokeCalibrationError", "run_poke_calibration", "default_calibration_path",
-           "POKE_FORMAT_VERSION"]
+           "load_matching_calibration", "POKE_FORMAT_VERSION"]

@@ -242,25 +242,13 @@ def _prepare_report(report: str | None, force: bool) -> Path | None:
 
 
 def default_calibration(settings: Any, explicit: str | None = None, disabled: bool = False) -> Any:
-    """The poke calibration ``align`` (and the GUI) use: ``explicit`` (refused when made for other
-    optics), else the saved one for these settings (:func:`calibration.poke.default_calibration_path`)
-    when its optics match (logged), else None (the optics formulas; a mismatch is logged)."""
-    from autoalign.calibration.poke import PokeCalibration, default_calibration_path
+    """The poke calibration ``align`` uses (see :func:`calibration.poke.load_matching_calibration`);
+    says which on stderr."""
+    from autoalign.calibration.poke import load_matching_calibration
 
-    if disabled:
-        return None
-    if explicit:
-        return PokeCalibration.load(explicit, settings=settings, strict=True)
-    path = default_calibration_path(settings)
-    if not path.exists():
-        log.info("no saved poke calibration (%s); using the optics formulas", path)
-        return None
-    try:
-        cal = PokeCalibration.load(path, settings=settings, strict=True)
-    except ValueError as exc:
-        print(f"autoalign: ignoring the saved poke calibration: {exc}", file=sys.stderr)
-        return None
-    print(f"autoalign: using the poke calibration {path} (made {cal.created}; optics match)", file=sys.stderr)
+    cal, message = load_matching_calibration(settings, explicit, disabled)
+    if message:
+        print(f"autoalign align: {message}", file=sys.stderr)
     return cal
 
 
@@ -269,12 +257,12 @@ def run(args: argparse.Namespace) -> int:
     from autoalign.hardware.base import DeviceError
     from autoalign.settings import load_settings
 
-    if args.demo_micromanager:
+    if args.demo_micromanager:  # the command line has pointed args.settings at the packaged demo
         from autoalign.settings import DEMO_MICROMANAGER_SETTINGS_PATH
 
-        args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
+        if args.settings is None:
+            args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
         args.backend = "micromanager"
-        print(f"autoalign align: wiring demo: settings {args.settings}", file=sys.stderr)
     base = load_settings(args.settings)
     if args.backend is None:
         args.backend = "micromanager" if base.hardware.backend == "micromanager" else "sim"
