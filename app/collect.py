@@ -108,6 +108,45 @@ def settings_differences(stored_yaml: str, settings: Any, may_differ: tuple[str,
     return out
 
 
+def _check_format(f: h5py.File, p: Path, hint: str) -> int:
+    """The bead-walk format version of an open file, or :class:`CollectionFileError`."""
+    fmt = f.attrs.get("format")
+    layout = f.attrs.get("layout")
+    if fmt is None and layout == _LEGACY_LAYOUT:
+        version = 1
+    elif fmt != BEADWALK_FORMAT:
+        found = f"format {fmt!r}" if fmt is not None else "no format attribute"
+        raise CollectionFileError(f"{p}: not an autoalign bead-walk file ({found}, datasets "
+                                  f"{sorted(f.keys())[:6]}); {hint}")
+    else:
+        version = int(f.attrs.get("format_version", 0))
+    if version > BEADWALK_FORMAT_VERSION:
+        raise CollectionFileError(f"{p}: bead-walk format version {version} is newer than this autoalign "
+                                  f"understands ({BEADWALK_FORMAT_VERSION}); upgrade autoalign")
+    if version < 1:
+        raise CollectionFileError(f"{p}: bead-walk format version {version!r} is not valid; {hint}")
+    missing = [n for n in (*_ROW_DATASETS, "round") if n not in f]
+    if missing:
+        raise CollectionFileError(f"{p}: bead-walk file lacks datasets {missing}; {hint}")
+    return version
+
+
+def open_bead_walk(path: str | Path) -> h5py.File:
+    """Open a bead-walk file for reading after checking its format name and version
+    (:class:`CollectionFileError` with a clear message otherwise). Use as a context manager; rows
+    beyond ``len(f["round"])`` belong to an unfinished round and are to be ignored."""
+    p = Path(path)
+    if not p.is_file() or not h5py.is_hdf5(str(p)):
+        raise CollectionFileError(f"{p}: not an HDF5 file (expected a bead-walk file from 'autoalign collect')")
+    f = h5py.File(p, "r")
+    try:
+        _check_format(f, p, "expected a bead-walk file from 'autoalign collect'")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 def check_collection_file(path: str | Path, settings: Any, stack_shape: tuple[int, int, int]) -> int:
     """Check that ``collect`` may append to ``path``; returns its complete rounds (0 when the file
     does not exist). Raises :class:`CollectionFileError` when it is not an HDF5 file, not a bead-walk
@@ -126,25 +165,7 @@ def check_collection_file(path: str | Path, settings: Any, stack_shape: tuple[in
         raise CollectionFileError(f"{p}: not an HDF5 file; {hint}")
     try:
         with h5py.File(p, "r") as f:
-            fmt = f.attrs.get("format")
-            layout = f.attrs.get("layout")
-            if fmt is None and layout == _LEGACY_LAYOUT:
-                version = 1
-            elif fmt != BEADWALK_FORMAT:
-                found = f"format {fmt!r}" if fmt is not None else "no format attribute"
-                raise CollectionFileError(f"{p}: not an autoalign bead-walk file ({found}, datasets "
-                                          f"{sorted(f.keys())[:6]}); {hint}")
-            else:
-                version = int(f.attrs.get("format_version", 0))
-            if version > BEADWALK_FORMAT_VERSION:
-                raise CollectionFileError(f"{p}: bead-walk format version {version} is newer than this autoalign "
-                                          f"understands ({BEADWALK_FORMAT_VERSION}); upgrade autoalign or choose "
-                                          "a new --out file")
-            if version < 1:
-                raise CollectionFileError(f"{p}: bead-walk format version {version!r} is not valid; {hint}")
-            missing = [n for n in (*_ROW_DATASETS, "round") if n not in f]
-            if missing:
-                raise CollectionFileError(f"{p}: bead-walk file lacks datasets {missing}; {hint}")
+            _check_format(f, p, hint)
             if tuple(f["stack"].shape[1:]) != tuple(stack_shape):
                 raise CollectionFileError(f"{p}: holds stacks of shape {tuple(f['stack'].shape[1:])}, this run "
                                           f"acquires {tuple(stack_shape)}; choose a new --out file")
@@ -390,5 +411,5 @@ class BeadWalk:
         return False
 
 
-__all__ = ["BeadWalk", "CollectionFile", "CollectionFileError", "check_collection_file", "settings_differences",
+__all__ = ["BeadWalk", "CollectionFile", "CollectionFileError", "check_collection_file", "open_bead_walk", "settings_differences",
            "random_aberration", "N_MODES", "BEADWALK_FORMAT", "BEADWALK_FORMAT_VERSION"]

@@ -140,6 +140,16 @@ def test_bead_walk_file_carries_format_and_refuses_foreign_and_other_settings(tm
     with pytest.raises(CollectionFileError, match="not an autoalign bead-walk file"):
         walk3.run()
     assert _sha(foreign) == digest
+    from autoalign.app.collect import open_bead_walk
+
+    with open_bead_walk(path) as f:
+        assert f["round"].shape[0] == 1
+    with pytest.raises(CollectionFileError, match="not an autoalign bead-walk file"):
+        open_bead_walk(foreign)
+    with h5py.File(tmp_path / "newer.h5", "w") as f:
+        f.attrs["format"], f.attrs["format_version"] = BEADWALK_FORMAT, BEADWALK_FORMAT_VERSION + 1
+    with pytest.raises(CollectionFileError, match=f"format version {BEADWALK_FORMAT_VERSION + 1} is newer"):
+        open_bead_walk(tmp_path / "newer.h5")
     walk4, _ = _walk(path, rounds=1, seed=3)  # same settings, other seed: appends, metadata kept
     assert walk4.run() == 1
     with h5py.File(path, "r") as f:
