@@ -221,15 +221,23 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
 
 
 def _announce_settings(args: argparse.Namespace) -> None:
-    from autoalign.settings import DEMO_MICROMANAGER_SETTINGS_PATH, resolve_settings_path
+    from autoalign.settings import DEFAULT_SETTINGS_PATH, DEMO_MICROMANAGER_SETTINGS_PATH, resolve_settings_path
 
     if getattr(args, "demo_micromanager", False):
         args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
     path, how = resolve_settings_path(args.settings)
     if getattr(args, "demo_micromanager", False):
         how = "--demo-micromanager: Micro-Manager demo devices, simulated SLM, a wiring demo"
-    args.settings = str(path)
     args.settings_how = how
+    if path.resolve() == DEFAULT_SETTINGS_PATH:
+        # None keeps a command's own meaning of "no settings given" (evaluate: the data set's settings)
+        args.settings = None
+        note = getattr(args, "settings_when_absent", None)
+        if note:
+            print(f"autoalign {args.command}: settings: {note}", file=sys.stderr)
+            return
+    else:
+        args.settings = str(path)
     print(f"autoalign {args.command}: settings {path} ({how})", file=sys.stderr)
 
 
