@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import textwrap
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or getattr(args, "debug_sub", False)
     level = logging.DEBUG if (debug or verbose >= 2) else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    previous_hook = threading.excepthook
+    if not debug:
+        threading.excepthook = _quiet_thread_exception
     try:
         if hasattr(args, "settings"):
             _announce_settings(args)
@@ -261,6 +265,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoalign {getattr(args, 'command', '')}: {message}".replace("autoalign : ", "autoalign: "),
               file=sys.stderr)
         return status
+    finally:
+        threading.excepthook = previous_hook
+
+
+def _quiet_thread_exception(hook_args: Any) -> None:
+    """A library's background thread failed (e.g. a device bridge closing after a failed connect):
+    one INFO line instead of a traceback; the command's own error says what went wrong."""
+    name = getattr(hook_args.thread, "name", "?")
+    log.info("background thread %s ended with %s: %s (--debug shows the traceback)", name,
+             getattr(hook_args.exc_type, "__name__", "error"), hook_args.exc_value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -192,19 +192,10 @@ class CollectionFile:
         self.settings = settings
         self.stack_shape = tuple(int(v) for v in stack_shape)
         if not self.path.exists():
-            import os
-            import tempfile
+            from autoalign.files import atomic_path
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            os.close(fd)
-            try:
-                with h5py.File(tmp, "w") as f:
-                    self._create(f)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+                self._create(f)
             return
         check_collection_file(self.path, settings, self.stack_shape)
         with h5py.File(self.path, "a") as f:

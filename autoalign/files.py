@@ -3,6 +3,7 @@
 * :func:`atomic_write_text` / :func:`atomic_write_bytes` / :func:`atomic_writer`: write to a temporary
   file in the target's folder, flush and fsync it, then ``os.replace`` it onto the target, so a crash
   or Ctrl-C leaves either the old file or the new one, never a mixture.
+* :func:`atomic_path`: the same for writers that need a file name (h5py, ``torch.save``).
 * :func:`refuse_overwrite`: raise :class:`OverwriteRefused` when the target exists and ``force`` is
   not given (call it before a long computation, not after).
 * :func:`check_writable`: fail early, with a clear message, when an output cannot be written.
@@ -95,6 +96,33 @@ def atomic_writer(path: str | Path, mode: str = "w", encoding: str | None = "utf
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Context manager yielding a temporary path next to ``path`` for writers that need a file name
+    (h5py, ``torch.save``, matplotlib); on a clean exit it is renamed onto ``path`` (atomically),
+    on an exception it is removed and ``path`` is untouched::
+
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as f: ...
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -245,5 +273,5 @@ def png_software(path: str | Path) -> str | None:
 
 
 __all__ = ["UserError", "FileSafetyError", "OverwriteRefused", "FileLocked", "refuse_overwrite", "check_writable",
-           "atomic_writer", "atomic_write_text", "atomic_write_bytes", "FileLock", "deferred_interrupt",
+           "atomic_writer", "atomic_path", "atomic_write_text", "atomic_write_bytes", "FileLock", "deferred_interrupt",
            "user_data_dir", "png_software"]

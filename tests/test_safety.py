@@ -43,6 +43,25 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert target.read_text() == "new result\n"
 
 
+def test_atomic_path_for_writers_that_need_a_name(tmp_path):
+    from autoalign.files import atomic_path
+
+    target = tmp_path / "data.h5"
+    with h5py.File(target, "w") as f:
+        f["old"] = np.arange(3)
+    digest = _sha(target)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f["new"] = np.arange(5)
+            raise RuntimeError("killed before the end")
+    assert _sha(target) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+    with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+        f["new"] = np.arange(5)
+    with h5py.File(target, "r") as f:
+        assert list(f) == ["new"]
+
+
 def test_refuse_overwrite(tmp_path):
     p = tmp_path / "a.h5"
     assert refuse_overwrite(p) == p
@@ -471,3 +490,50 @@ def test_ctrl_c_on_the_collect_command(tmp_path):
     with h5py.File(path, "r") as f:
         n = f["round"].shape[0]
         assert n >= 2 and all(f[k].shape[0] == n for k in ("stack", "sections", "timestamp", "decision"))
+
+
+def test_align_uses_the_saved_poke_calibration_when_the_optics_match(tmp_path, monkeypatch, capsys):
+    from autoalign.app.cli import main
+    from autoalign.app.commands import align
+    from autoalign.calibration.poke import PokeCalibration
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOALIGN_DATA_DIR", str(tmp_path / "data"))
+    s = load_settings()
+    PokeCalibration(np.diag([3.0, 3.0, 7.0]), settings=PokeCalibration.from_optics(s).settings).save(
+        tmp_path / "data" / "poke_calibration.yaml")
+    seen = []
+    monkeypatch.setattr(align, "run_trial", lambda settings, it, corrector, gain, predictor, calibration:
+                        seen.append(calibration) or _fake_trial(0.7))
+    assert main(["align", "--corrector", "modal"]) == 0
+    assert "using the saved poke calibration" in capsys.readouterr().err
+    assert np.allclose(seen[-1].matrix_um_per_rad, np.diag([3.0, 3.0, 7.0]))
+    assert main(["align", "--corrector", "modal", "--no-calibration"]) == 0 and seen[-1] is None
+    (tmp_path / "other.yaml").write_text("optics:\n  wavelength_um: 0.66\n")
+    assert main(["align", "--corrector", "modal", "--settings", "other.yaml"]) == 0
+    assert seen[-1] is None  # other.yaml's folder has no calibration: the optics formulas
+
+
+def test_calibrate_prints_its_table_once(tmp_path, monkeypatch, capsys):
+    from autoalign.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["calibrate", "selfcheck", "--modes", "5", "-v"])
+    out = capsys.readouterr()
+    assert rc in (0, 3), out.err
+    assert (out.out + out.err).count("convention self-check (") == 1
+
+
+def test_unreachable_device_is_a_one_line_failure(tmp_path, monkeypatch, capsys):
+    """Micro-Manager's Java bridge not running: exit status 1, one line naming the device problem."""
+    pytest.importorskip("pycromanager")
+    from autoalign.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mm.yaml").write_text("hardware:\n  backend: micromanager\n  micromanager:\n"
+                                      "    python_backend: false\n    port: 1\n    timeout_ms: 500\n")
+    rc = main(["align", "--settings", "mm.yaml", "--corrector", "modal"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    last = err.strip().splitlines()[-1]
+    assert "device error" in last and "nothing to report" in last and "Traceback" not in err

@@ -266,9 +266,6 @@ def run(args: argparse.Namespace) -> int:
     base = load_settings(args.settings)
     if args.backend is None:
         args.backend = "micromanager" if base.hardware.backend == "micromanager" else "sim"
-    if args.backend == "micromanager" and base.slm.backend == "simulated":
-        print("autoalign align: WIRING DEMO: Micro-Manager devices with the simulated SLM; the SLM pattern "
-              "reaches no real beam, so this checks the wiring, it does not align anything", file=sys.stderr)
     report_dir = _prepare_report(cli_path(args.report), args.force)
     iterations = args.iterations or base.loop.max_iterations
     calibration = default_calibration(device_settings_for(args), cli_path(args.calibration),
@@ -300,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stopped = (f"interrupted (Ctrl-C) after {len(trials)} of {trials_n} trial(s)", 130)
     except DeviceError as exc:
-        stopped = (f"device error after {len(trials)} of {trials_n} trial(s): {exc}", 1)
+        stopped = (f"device error after {len(trials)} of {trials_n} trial(s): {str(exc).rstrip('. ')}", 1)
     if not trials:
         if stopped:
             print(f"autoalign align: {stopped[0]}; nothing to report", file=sys.stderr)
