@@ -192,7 +192,7 @@ class FileLock:
                 who = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
                        if holder else "an unknown process (unreadable lock file)")
                 raise FileLocked(f"{self.target}: in use by {who}; wait for it to finish, or delete "
-                                 f"{self.path} if that process is gone")
+                                 f"{self.path} if that process is gone") from None
             except OSError as exc:
                 raise FileSafetyError(f"{self.path}: cannot create the lock file "
                                       f"({exc.strerror or exc})") from exc

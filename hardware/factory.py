@@ -74,7 +74,7 @@ def make_slm(settings: "Settings", microscope: "SimulatedMicroscope | None" = No
                 def _close(self) -> None:
                     pass
 
-                def _display(self, grey: "np.ndarray", phase_rad: "np.ndarray") -> None:
+                def _display(self, grey: Any, phase_rad: Any) -> None:
                     pass
 
             logging.getLogger("autoalign.hardware").warning(
