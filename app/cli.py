@@ -1,11 +1,12 @@
-"""The autoalign command. Each subcommand lives in app/commands/<name>.py and defines
-register(subparsers) -> None; its parser sets func(args) -> int.
+"""autoalign: closed-loop alignment of a STED depletion donut (simulated microscope or real devices).
 
-Every subcommand takes --settings FILE; without it ./settings.yaml is used when present, else the
-packaged defaults, and the command says which on one line. Errors end in one line saying what to do
-(exit status 2 for a problem with the input, 1 for a device or runtime failure, 130 for Ctrl-C);
---debug shows the traceback.
+Every command takes --settings FILE; without it ./settings.yaml is used when present, else the
+packaged defaults, and the command says which on one line ('autoalign settings --write FILE' starts
+your own). Errors end in one line saying what to do: exit status 2 for a problem with the input, 1
+for a device or runtime failure, 130 for Ctrl-C (finished work is kept); --debug shows the traceback.
 """
+# For developers: each subcommand lives in app/commands/<name>.py and defines
+# register(subparsers) -> None; its parser sets func(args) -> int.
 from __future__ import annotations
 
 import argparse

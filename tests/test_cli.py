@@ -47,6 +47,15 @@ def workspace(tmp_path, monkeypatch):
     (tmp_path / "future.yaml").write_text("format_version: 7\ncamera:\n  exposure_ms: 30.0\n")
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
     (tmp_path / "bad_cal.yaml").write_text("kind: autoalign poke calibration\nmatrix_um_per_rad: [[1, 2]]\n")
+    (tmp_path / "figs").mkdir()  # a figure of someone's own, named like ours
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1, 1))
+    fig.savefig(tmp_path / "figs" / "align.png")
+    plt.close(fig)
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "summary.json").write_text('{"mine": "a summary from my own analysis"}')
     return tmp_path
@@ -73,6 +82,7 @@ MATRIX = [
     (["align", "--checkpoint", "corrupt.pt"], ["corrupt.pt", "checkpoint"], 2),
     (["align", "--calibration", "bad_cal.yaml"], ["bad_cal.yaml", "3 x 3"], 2),
     (["align", "--report", "report"], ["summary.json", "not an autoalign align report", "--force"], 2),
+    (["align", "--report", "figs"], ["align.png", "not written by autoalign", "--force"], 2),
     (["align", "--report", "notes.txt"], ["notes.txt", "expects a folder"], 2),
     (["align", "--report", "notes.txt/sub"], ["notes.txt", "cannot create the folder"], 2),
     (["collect", "--out", "notes.txt"], ["notes.txt", "not an HDF5 file", "new --out"], 2),

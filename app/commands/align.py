@@ -227,15 +227,19 @@ def _prepare_report(report: str | None, force: bool) -> Path | None:
     check_writable(out, "report", folder=True)
     summary, png = out / "summary.json", out / "align.png"
     if not force:
+        ours = False
         if summary.exists():
             try:
-                ours = json.loads(summary.read_text(encoding="utf-8")).get("kind") == REPORT_KIND
-            except (OSError, ValueError, AttributeError):
+                data = json.loads(summary.read_text(encoding="utf-8"))
+                # this version writes "kind"; earlier versions are recognised by their keys
+                ours = data.get("kind") == REPORT_KIND or {"table", "per_trial", "corrector"} <= set(data)
+            except (OSError, ValueError, AttributeError, TypeError):
                 ours = False
             if not ours:
                 raise OverwriteRefused(f"{summary}: exists and is not an autoalign align report; choose "
                                        "another --report folder or pass --force")
-        if png.exists() and not (png_software(png) or "").startswith("autoalign"):
+        software = png_software(png) or ""
+        if png.exists() and not (software.startswith("autoalign") or (ours and software.startswith("Matplotlib"))):
             raise OverwriteRefused(f"{png}: exists and was not written by autoalign; choose another "
                                    "--report folder or pass --force")
     return out
