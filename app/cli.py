@@ -204,8 +204,10 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, SettingsError):
         return f"settings error: {str(exc).strip()}", EXIT_USER  # one problem per line
     if "CheckpointError" in names:
-        return (f"model checkpoint error: {_one_line(exc)}; give a valid one with --checkpoint or "
-                "model.checkpoint, or train one with 'autoalign train'"), EXIT_USER
+        text = _one_line(exc)
+        hint = "" if "autoalign train" in text else ("; give a valid one with --checkpoint or model.checkpoint, "
+                                                     "or train one with 'autoalign train'")
+        return f"model checkpoint error: {text}{hint}", EXIT_USER
     if "DeviceError" in names:
         return (f"device error: {_one_line(exc)}; check that the device is switched on and connected and "
                 "that the settings' hardware section names it"), EXIT_FAILURE
