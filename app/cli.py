@@ -205,8 +205,9 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
         return f"settings error: {str(exc).strip()}", EXIT_USER  # one problem per line
     if "CheckpointError" in names:
         text = _one_line(exc)
-        hint = "" if "autoalign train" in text else ("; give a valid one with --checkpoint or model.checkpoint, "
-                                                     "or train one with 'autoalign train'")
+        hint = "; give a valid one with --checkpoint or model.checkpoint"
+        if "autoalign train" not in text:
+            hint += ", or train one with 'autoalign train'"
         return f"model checkpoint error: {text}{hint}", EXIT_USER
     if "DeviceError" in names:
         return (f"device error: {_one_line(exc)}; check that the device is switched on and connected and "
