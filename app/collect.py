@@ -17,7 +17,17 @@ File layout (one row per round along axis 0 of every dataset; Noll-indexed array
   aberration added on purpose; ``correction_after`` (N, J) the correction left on the SLM
 * ``stage_xy_um`` (N, 2), ``focus_um`` (N,), ``centroid_um`` (N, 3), ``timestamp`` (N,) unix
   seconds, ``round`` (N,), ``decision`` (N,) text, ``metrics/<name>`` (N,)
-* attributes: ``settings_yaml``, ``created``, ``units``, ``layout``.
+* attributes: ``format`` (:data:`BEADWALK_FORMAT`), ``format_version`` (:data:`BEADWALK_FORMAT_VERSION`),
+  ``settings_yaml``, ``created``, ``units``, ``layout``. Written once when the file is created and
+  never rewritten.
+
+Safety: a run appends only to a file of this kind and version (files of the first version, which
+carried only ``layout``, are recognised by it) whose stored settings equal the run's (the refusal
+names the keys that differ; ``simulation.seed`` may differ); an exclusive lock file
+``<file>.lock`` (host, pid) keeps a second writer out, and a lock left by a killed process is
+taken over. A new file is built under a temporary name and renamed into place. ``round`` is
+appended last in every round, so a round cut short by a kill is recognised (other datasets
+longer than ``round``) and trimmed before the next append.
 """
 from __future__ import annotations
 
@@ -30,15 +40,25 @@ from typing import Any
 
 import h5py
 import numpy as np
+import yaml
 
 from autoalign.app.callbacks import notify
 from autoalign.app.loop import LoopStopped, RefusedError
 from autoalign.correction import Correction
+from autoalign.files import UserError
 from autoalign.hardware.base import DeviceError
 
 log = logging.getLogger("autoalign.collect")
 
 N_MODES = 22
+BEADWALK_FORMAT = "autoalign-beadwalk"
+#: Version of the bead-walk file layout written and understood here.
+BEADWALK_FORMAT_VERSION = 1
+_LEGACY_LAYOUT = "autoalign bead-walk collection v1"
+#: Settings keys that may differ between runs appending to one file.
+APPEND_MAY_DIFFER = ("simulation.seed",)
+_ROW_DATASETS = ("stack", "sections", "prediction", "applied", "random_aberration", "correction_after",
+                 "stage_xy_um", "centroid_um", "focus_um", "timestamp", "decision")
 METRICS = ("null_depth", "correlation_ideal", "predicted_residual_rms", "photons", "true_residual_rms",
            "true_null_depth")
 
@@ -56,25 +76,144 @@ def _append(ds: h5py.Dataset, value: Any) -> None:
     ds[-1] = value
 
 
+class CollectionFileError(UserError, ValueError):
+    """A file ``collect`` will not append to (foreign, newer, other settings or shape). The message
+    names the file, the problem and what to do; it is a user error (exit status 2)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = d
+    return out
+
+
+def settings_differences(stored_yaml: str, settings: Any, may_differ: tuple[str, ...] = APPEND_MAY_DIFFER) -> list[str]:
+    """Dotted keys whose value differs between a stored settings YAML and ``settings``
+    (``key: stored -> now``), ignoring ``may_differ``."""
+    try:
+        stored = yaml.safe_load(stored_yaml) or {}
+    except yaml.YAMLError:
+        return ["settings_yaml: the stored settings are not readable YAML"]
+    stored.pop("format_version", None)
+    then, now = _flatten(stored), _flatten(settings.to_dict())
+    out = []
+    for key in sorted(set(then) | set(now)):
+        if key in may_differ:
+            continue
+        a, b = then.get(key, "<absent>"), now.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} in the file, {b!r} now")
+    return out
+
+
+def _check_format(f: h5py.File, p: Path, hint: str) -> int:
+    """The bead-walk format version of an open file, or :class:`CollectionFileError`."""
+    fmt = f.attrs.get("format")
+    layout = f.attrs.get("layout")
+    if fmt is None and layout == _LEGACY_LAYOUT:
+        version = 1
+    elif fmt != BEADWALK_FORMAT:
+        found = f"format {fmt!r}" if fmt is not None else "no format attribute"
+        raise CollectionFileError(f"{p}: not an autoalign bead-walk file ({found}, datasets "
+                                  f"{sorted(f.keys())[:6]}); {hint}")
+    else:
+        version = int(f.attrs.get("format_version", 0))
+    if version > BEADWALK_FORMAT_VERSION:
+        raise CollectionFileError(f"{p}: bead-walk format version {version} is newer than this autoalign "
+                                  f"understands ({BEADWALK_FORMAT_VERSION}); upgrade autoalign")
+    if version < 1:
+        raise CollectionFileError(f"{p}: bead-walk format version {version!r} is not valid; {hint}")
+    missing = [n for n in (*_ROW_DATASETS, "round") if n not in f]
+    if missing:
+        raise CollectionFileError(f"{p}: bead-walk file lacks datasets {missing}; {hint}")
+    return version
+
+
+def open_bead_walk(path: str | Path) -> h5py.File:
+    """Open a bead-walk file for reading after checking its format name and version
+    (:class:`CollectionFileError` with a clear message otherwise). Use as a context manager; rows
+    beyond ``len(f["round"])`` belong to an unfinished round and are to be ignored."""
+    p = Path(path)
+    if not p.is_file() or not h5py.is_hdf5(str(p)):
+        raise CollectionFileError(f"{p}: not an HDF5 file (expected a bead-walk file from 'autoalign collect')")
+    f = h5py.File(p, "r")
+    try:
+        _check_format(f, p, "expected a bead-walk file from 'autoalign collect'")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_collection_file(path: str | Path, settings: Any, stack_shape: tuple[int, int, int]) -> int:
+    """Check that ``collect`` may append to ``path``; returns its complete rounds (0 when the file
+    does not exist). Raises :class:`CollectionFileError` when it is not an HDF5 file, not a bead-walk
+    file, of a newer format version, of another stack shape, or made with other settings."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    if p.is_dir():
+        raise CollectionFileError(f"{p}: is a folder; --out needs an HDF5 file name")
+    hint = "collect appends only to its own bead-walk files; choose a new --out file"
+    try:
+        ok = h5py.is_hdf5(str(p))
+    except OSError as exc:
+        raise CollectionFileError(f"{p}: cannot read it ({exc}); {hint}") from exc
+    if not ok:
+        raise CollectionFileError(f"{p}: not an HDF5 file; {hint}")
+    try:
+        with h5py.File(p, "r") as f:
+            _check_format(f, p, hint)
+            if tuple(f["stack"].shape[1:]) != tuple(stack_shape):
+                raise CollectionFileError(f"{p}: holds stacks of shape {tuple(f['stack'].shape[1:])}, this run "
+                                          f"acquires {tuple(stack_shape)}; choose a new --out file")
+            diffs = settings_differences(str(f.attrs.get("settings_yaml", "")), settings)
+            if diffs:
+                shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                raise CollectionFileError(f"{p}: recorded with other settings ({len(diffs)} key(s) differ: {shown}); "
+                                          "append with the same settings or choose a new --out file")
+            return int(f["round"].shape[0])
+    except CollectionFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CollectionFileError(f"{p}: unreadable bead-walk file ({type(exc).__name__}: {exc}); {hint}") from exc
+
+
 class CollectionFile:
-    """Append-only HDF5 writer; the file is opened, appended and closed for every round."""
+    """Append-only HDF5 writer; the file is opened, appended and closed for every round.
+
+    An existing file must pass :func:`check_collection_file`; a new one is created under a temporary
+    name and renamed into place. The caller holds the file's lock (:class:`BeadWalk` does)."""
 
     def __init__(self, path: str | Path, settings: Any, stack_shape: tuple[int, int, int]) -> None:
         self.path = Path(path)
         self.settings = settings
         self.stack_shape = tuple(int(v) for v in stack_shape)
-        with h5py.File(self.path, "a") as f:
-            if "stack" not in f:
+        if not self.path.exists():
+            from autoalign.files import atomic_path
+
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
                 self._create(f)
-            elif tuple(f["stack"].shape[1:]) != self.stack_shape:
-                raise ValueError(f"{self.path}: holds stacks of shape {f['stack'].shape[1:]}, "
-                                 f"this run acquires {self.stack_shape}")
-            else:  # a file from an older version: add the metrics it lacks (NaN for its rows)
-                rows = int(f["round"].shape[0])
-                for name in METRICS:
-                    if name not in f["metrics"]:
-                        f["metrics"].create_dataset(name, data=np.full(rows, np.nan), maxshape=(None,),
-                                                    chunks=(256,))
+            return
+        check_collection_file(self.path, settings, self.stack_shape)
+        with h5py.File(self.path, "a") as f:
+            rows = int(f["round"].shape[0])
+            longer = [n for n in _ROW_DATASETS if f[n].shape[0] > rows]
+            longer += [f"metrics/{n}" for n in f["metrics"] if f["metrics"][n].shape[0] > rows]
+            if longer:  # a round cut short by a kill: its partial rows go
+                log.warning("%s: trimming an unfinished round (datasets %s longer than 'round', %d rows)",
+                            self.path, longer, rows)
+                for n in longer:
+                    f[n].resize(rows, axis=0)
+            # a file from an older version: add the metrics it lacks (NaN for its rows)
+            for name in METRICS:
+                if name not in f["metrics"]:
+                    f["metrics"].create_dataset(name, data=np.full(rows, np.nan), maxshape=(None,),
+                                                chunks=(256,))
 
     def _create(self, f: h5py.File) -> None:
         nz, ny, nx = self.stack_shape
@@ -98,14 +237,20 @@ class CollectionFile:
         f.attrs["settings_yaml"] = self.settings.to_yaml()
         f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         f.attrs["units"] = "stack: ADU; sections: photons; coefficients: rad (column k = Noll k+1); um"
-        f.attrs["layout"] = "autoalign bead-walk collection v1"
+        f.attrs["layout"] = _LEGACY_LAYOUT
+        f.attrs["format"] = BEADWALK_FORMAT
+        f.attrs["format_version"] = BEADWALK_FORMAT_VERSION
 
     def rounds(self) -> int:
         with h5py.File(self.path, "r") as f:
             return int(f["round"].shape[0])
 
     def append(self, row: dict[str, Any]) -> None:
-        with h5py.File(self.path, "a") as f:
+        """Append one round and flush; ``round`` goes last (it marks the round complete). Ctrl-C is
+        held back until the round is written."""
+        from autoalign.files import deferred_interrupt
+
+        with deferred_interrupt(), h5py.File(self.path, "a") as f:
             data = np.asarray(row["stack"], dtype=float)
             if f["stack"].dtype == np.uint16:
                 data = np.clip(np.round(data), 0, 65535)
@@ -117,10 +262,11 @@ class CollectionFile:
             _append(f["centroid_um"], np.asarray(row["centroid_um"], dtype=float))
             _append(f["focus_um"], float(row["focus_um"]))
             _append(f["timestamp"], float(row["timestamp"]))
-            _append(f["round"], int(row["round"]))
             _append(f["decision"], str(row["decision"]))
             for name in METRICS:
                 _append(f["metrics"][name], float(row["metrics"].get(name, math.nan)))
+            f.flush()
+            _append(f["round"], int(row["round"]))
             f.flush()
 
 
@@ -148,12 +294,29 @@ class BeadWalk:
         self.apply_model = apply_model
         self.stop_reason = ""
         self.written = 0
+        self.interrupted = False
+        #: show a tqdm progress bar (ETA with ``rounds``; a running counter until the bead walks off)
+        self.progress = False
 
     def stop(self) -> None:
         self.loop.stop()
 
     def run(self) -> int:
-        """Collect until done; returns the number of rounds written by this run."""
+        """Collect until done; returns the number of rounds written by this run. Holds the file's
+        lock throughout; Ctrl-C (``interrupted``) and device failures end the walk with every
+        finished round kept (see :attr:`stop_reason`)."""
+        from autoalign.files import FileLock
+
+        lock = FileLock(self.out_path)
+        with lock:
+            if lock.stale_info:
+                log.warning("%s: took over a stale lock left by process %s on %s (it no longer runs)",
+                            self.out_path, lock.stale_info.get("pid"), lock.stale_info.get("host"))
+            return self._run_locked()
+
+    def _run_locked(self) -> int:
+        from tqdm import tqdm
+
         loop, s = self.loop, self.loop.settings
         n = s.camera.roi_px
         writer = CollectionFile(self.out_path, s, (s.stack.planes, n, n))
@@ -170,21 +333,29 @@ class BeadWalk:
                 self._have_model = True
             except Exception as exc:  # noqa: BLE001 - collecting raw data needs no model
                 loop.log("bead walk: no model (%s); recording without predictions", exc, level=logging.WARNING)
+        bar = tqdm(total=self.rounds, unit="round", desc="bead walk", disable=not self.progress,
+                   dynamic_ncols=True)
         try:
             while self.rounds is None or i < self.rounds:
                 loop.check_stop()
                 done = self._round(writer, start + i, modes)
-                i += 1
-                notify(self.callbacks, "on_progress", i, total)
                 if done:
                     break
+                i += 1
+                bar.update(1)
+                notify(self.callbacks, "on_progress", i, total)
             else:
                 self.stop_reason = f"{i} rounds done"
         except LoopStopped:
             self.stop_reason = "stopped by request"
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted (Ctrl-C)"
+            self.interrupted = True
         except DeviceError as exc:
             self.stop_reason = f"device failure: {exc}"
             loop.last_error = exc
+        finally:
+            bar.close()
         loop.log("bead walk finished after %d round(s): %s", self.written, self.stop_reason)
         return self.written
 
@@ -234,4 +405,5 @@ class BeadWalk:
         return False
 
 
-__all__ = ["BeadWalk", "CollectionFile", "random_aberration", "N_MODES"]
+__all__ = ["BeadWalk", "CollectionFile", "CollectionFileError", "check_collection_file", "open_bead_walk", "settings_differences",
+           "random_aberration", "N_MODES", "BEADWALK_FORMAT", "BEADWALK_FORMAT_VERSION"]

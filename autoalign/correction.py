@@ -3,10 +3,18 @@
 Conventions: Zernike coefficients by Noll index (from 1), RMS-normalised over the unit pupil, in
 radians of phase at the beam's wavelength; ``mask_offset`` is the lateral shift (x, y) of the vortex
 mask centre in pupil radii.
+
+Correction files (YAML, ``format: autoalign-correction``, ``format_version`` :data:`CORRECTION_FORMAT_VERSION`)
+record the optics they were made for (:data:`OPTICS_KEYS`: NA, wavelength, pupil radius on the SLM).
+Loading one with settings of other optics is REFUSED unless ``force``: the same radians at another
+wavelength, or the same Zernike over another pupil radius on the SLM, is a different phase on the
+beam, and a wrong phase on the SLM silently spoils the donut. A file without the record (older
+versions) loads with a warning that it could not be checked.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,6 +23,66 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from autoalign.files import UserError, atomic_write_text
+
+log = logging.getLogger("autoalign.correction")
+
+CORRECTION_FORMAT = "autoalign-correction"
+#: Version of the correction-file format written and understood here (absent in a file = 1).
+CORRECTION_FORMAT_VERSION = 1
+#: The optics a correction file records, as dotted settings keys.
+OPTICS_KEYS = ("optics.numerical_aperture", "optics.wavelength_um", "slm.pupil_radius_px")
+
+
+class CorrectionError(UserError, ValueError):
+    """A correction file that cannot be used; the message names the file and the problem."""
+
+
+def optics_record(settings: Any) -> dict[str, float]:
+    """The optics a correction depends on: {dotted key: value} for :data:`OPTICS_KEYS`."""
+    out = {}
+    for key in OPTICS_KEYS:
+        section, name = key.split(".")
+        out[key] = float(getattr(getattr(settings, section), name))
+    return out
+
+
+def optics_differences(recorded: dict[str, Any], settings: Any) -> list[str]:
+    """``key: recorded -> now`` for each recorded optics value that differs (relative 1e-6)."""
+    now = optics_record(settings)
+    out = []
+    for key, value in now.items():
+        then = recorded.get(key)
+        try:
+            same = then is not None and math.isclose(float(then), value, rel_tol=1e-6, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            out.append(f"{key}: {then!r} in the file, {value!r} now")
+    return out
+
+
+def _noll_key(key: Any, path: Any) -> int:
+    if isinstance(key, bool):
+        raise CorrectionError(f"{path}: coefficient key {key!r}: expected a Noll index (an integer >= 1)")
+    if isinstance(key, int):
+        value = key
+    elif isinstance(key, str) and key.strip().isdigit():
+        value = int(key.strip())
+    else:
+        raise CorrectionError(f"{path}: coefficient key {key!r}: expected a Noll index (an integer >= 1)")
+    if value < 1:
+        raise CorrectionError(f"{path}: coefficient key {key!r}: expected a Noll index (an integer >= 1)")
+    return value
+
+
+def _finite(value: Any, what: str, path: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CorrectionError(f"{path}: {what} = {value!r}: expected a number (radians)")
+    if not math.isfinite(value):
+        raise CorrectionError(f"{path}: {what} = {value!r}: expected a finite number (NaN or infinity found)")
+    return float(value)
 
 
 @dataclass
@@ -57,19 +125,57 @@ class Correction:
             "mask_offset": [float(self.mask_offset[0]), float(self.mask_offset[1])],
         }
 
-    def save_yaml(self, path: str | Path) -> None:
-        data = self.to_dict()
+    def save_yaml(self, path: str | Path, settings: Any = None) -> None:
+        """Write the correction (atomically) with its format version and, given ``settings``, the
+        optics it was made for (so a later load under other optics is caught)."""
+        data: dict[str, Any] = {"format": CORRECTION_FORMAT, "format_version": CORRECTION_FORMAT_VERSION}
+        data.update(self.to_dict())
+        if settings is not None:
+            data["optics"] = optics_record(settings)
         data["saved"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
     @classmethod
-    def load_yaml(cls, path: str | Path) -> "Correction":
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict) or "coefficients" not in data:
-            raise ValueError(f"{path}: not a correction file (no 'coefficients' mapping)")
-        coeffs = {int(k): float(v) for k, v in (data.get("coefficients") or {}).items()}
-        off = data.get("mask_offset") or [0.0, 0.0]
-        corr = cls(coeffs, (float(off[0]), float(off[1])))
-        if not corr.is_finite():
-            raise ValueError(f"{path}: correction contains NaN or infinity")
+    def load_yaml(cls, path: str | Path, settings: Any = None, force: bool = False) -> "Correction":
+        """Read a correction file. Raises :class:`CorrectionError` (a ValueError) naming the file and
+        the problem: unreadable or invalid YAML, duplicate keys, a newer format version, a Noll key
+        that is not an integer >= 1 (``5.7`` is refused, not truncated), a value that is not a finite
+        number. With ``settings``: a file made for other optics is refused unless ``force`` (then
+        logged as a warning)."""
+        from autoalign.settings import check_format_version, read_yaml_file
+
+        data = read_yaml_file(path, "correction", CorrectionError)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict) or not isinstance(data.get("coefficients", None), (dict, type(None))) \
+                or "coefficients" not in data:
+            raise CorrectionError(f"{path}: not a correction file (expected a mapping with a 'coefficients' "
+                                  "mapping {Noll index: radians})")
+        fmt = data.get("format", CORRECTION_FORMAT)
+        if fmt != CORRECTION_FORMAT:
+            raise CorrectionError(f"{path}: format {fmt!r}: expected {CORRECTION_FORMAT!r}")
+        check_format_version(data, str(path), CORRECTION_FORMAT_VERSION, "correction", CorrectionError)
+        coeffs: dict[int, float] = {}
+        for key, value in (data.get("coefficients") or {}).items():
+            j = _noll_key(key, path)
+            coeffs[j] = _finite(value, f"coefficient {j}", path)
+        off = data.get("mask_offset")
+        if off is None:
+            off = [0.0, 0.0]
+        if not isinstance(off, (list, tuple)) or len(off) != 2:
+            raise CorrectionError(f"{path}: mask_offset = {off!r}: expected two numbers [x, y] in pupil radii")
+        offset = (_finite(off[0], "mask_offset x", path), _finite(off[1], "mask_offset y", path))
+        corr = cls(coeffs, offset)
+        if settings is not None:
+            recorded = data.get("optics")
+            if not isinstance(recorded, dict):
+                log.warning("%s: records no optics; cannot check that it was made for these settings", path)
+            else:
+                diffs = optics_differences(recorded, settings)
+                if diffs:
+                    msg = f"{path}: made for other optics ({'; '.join(diffs)})"
+                    if not force:
+                        raise CorrectionError(msg + "; it would put a wrong phase on the SLM. Make a new "
+                                              "correction for these optics, or load it with force")
+                    log.warning("%s; loaded anyway (forced)", msg)
         return corr

@@ -7,10 +7,26 @@ key, the value found and what was expected.
 
 Units: lengths in micrometres unless the key says otherwise (``_nm``, ``_mm``, ``_px``); phases in
 radians; Zernike modes by Noll index (from 1).
+
+Loading a file (:func:`load_settings`):
+
+* duplicate keys are refused (naming file, key and both lines), not silently "last wins";
+* a partial file (only the keys a user changes) is merged over the packaged defaults; unknown keys
+  are still refused, naming the nearest valid key;
+* ``format_version`` (top level, optional; absent means the current version) guards against files
+  written for a newer autoalign;
+* relative paths inside the file (:data:`PATH_KEYS`) are resolved against the file's folder; in the
+  packaged defaults ``models/...`` resolves to the installed package (the shipped weights).
+
+:func:`resolve_settings_path` is the command-line order: an explicit ``--settings``, then
+``./settings.yaml``, then the packaged default.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +36,87 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_SETTINGS_PATH = Path(__file__).resolve().parent / "settings.yaml"
+#: Packaged wiring demo: Micro-Manager demo devices (mm-test-adapters) with the simulated SLM.
+DEMO_MICROMANAGER_SETTINGS_PATH = Path(__file__).resolve().parent / "demo_micromanager.yaml"
+#: Version of the settings-file format written and understood by this autoalign.
+SETTINGS_FORMAT_VERSION = 1
+#: Dotted keys holding file or folder paths; relative values resolve against the settings file's folder.
+PATH_KEYS = ("model.checkpoint", "slm.flatness_file", "slm.lut_file", "hardware.micromanager.config_file",
+             "hardware.micromanager.install_dir")
+#: Top-level folders of the repository installed as sub-packages (``models/...`` in the packaged
+#: defaults means the installed ``autoalign.models`` package).
+_SUBPACKAGES = ("models", "simulation", "hardware", "calibration", "app")
 
 
 class SettingsError(ValueError):
     """A settings file that cannot be used. The message lists every problem found."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that repeats a key (``key``, ``line`` and ``first_line`` are 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises :class:`DuplicateKeyError` on a repeated mapping key."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: SafeLoader reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, first)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml_file(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:
+    """Read and parse a YAML file (duplicate keys refused); any problem raises ``error`` with a
+    one-line message naming the file and the problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{p}: not a text {what} file ({exc.reason})") from exc
+    except OSError as exc:
+        raise error(f"{p}: cannot read the {what} file ({exc.strerror or exc})") from exc
+    try:
+        return safe_load_unique(text)
+    except DuplicateKeyError as exc:
+        raise error(f"{p}: duplicate key {exc.key!r} at line {exc.line} (first at line {exc.first_line}); "
+                    "keep one of them") from exc
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{p}: not valid YAML{where}: {problem}") from exc
+
+
+def check_format_version(data: dict[str, Any], source: str, current: int, what: str,
+                         error: type[Exception] = ValueError) -> int:
+    """Pop and check ``format_version`` from ``data`` (absent: ``current``). A newer version than
+    ``current`` or a non-integer raises ``error`` naming the file."""
+    version = data.pop("format_version", current)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise error(f"{source}: key 'format_version' = {version!r}: expected an integer >= 1")
+    if version > current:
+        raise error(f"{source}: {what} format version {version} is newer than this autoalign understands "
+                    f"({current}); upgrade autoalign or re-create the file")
+    return version
 
 
 def _check(**rules: Any) -> dict[str, Any]:
@@ -295,12 +388,18 @@ _OPS = {
 }
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _build(cls: Any, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    for extra in sorted(set(data) - set(names)):
-        errors.append(f"key '{prefix}.{extra}': unknown key (expected one of {', '.join(names)})")
+    for extra in sorted(set(data) - set(names), key=str):
+        near = difflib.get_close_matches(str(extra), names, n=1, cutoff=0.6)
+        hint = f"did you mean '{_join(prefix, near[0])}'? " if near else ""
+        errors.append(f"key '{_join(prefix, str(extra))}': unknown key ({hint}expected one of {', '.join(names)})")
     for f in dataclasses.fields(cls):
         if f.name == "source":
             continue
@@ -380,30 +479,131 @@ def settings_from_dict(data: Any, source: str = "<memory>") -> Settings:
     errors: list[str] = []
     if not isinstance(data, dict):
         raise SettingsError(f"{source}: expected a YAML mapping of sections, found {type(data).__name__}")
+    data = dict(data)
+    check_format_version(data, source, SETTINGS_FORMAT_VERSION, "settings", SettingsError)
     settings = _build(Settings, data, "", errors)
     if not errors:
         settings = dataclasses.replace(settings, source=source)
         _cross_checks(settings, errors)
+    if len(errors) == 1:
+        raise SettingsError(f"{source}: {errors[0]}")
     if errors:
         lines = "\n  ".join(errors)
-        raise SettingsError(f"{source}: {len(errors)} problem(s) in the settings:\n  {lines}")
+        raise SettingsError(f"{source}: {len(errors)} problems in the settings:\n  {lines}")
     return settings
 
 
-def load_settings(path: str | Path | Settings | None = None) -> Settings:
-    """Load and validate a settings file (default: the repository's ``settings.yaml``).
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings recursively, everything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
-    A :class:`Settings` instance is returned unchanged, so functions can take either.
+
+def _package_location(name: str) -> Path | None:
+    """Folder of the installed sub-package ``autoalign.<name>`` (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec(f"autoalign.{name}")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_path_value(value: str, folder: Path, packaged: bool = False) -> str:
+    """A path value from a settings file made absolute: ``~`` expanded, a relative path joined to
+    ``folder`` (the settings file's folder). In the packaged defaults, ``models/...`` (etc.) resolves
+    to the installed sub-package when the file is not found next to the settings."""
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute():
+        return str(p)
+    candidate = folder / p
+    if not candidate.exists() and p.parts and p.parts[0] in _SUBPACKAGES:
+        # e.g. models/weights/default.pt: the installed package's file (the shipped weights), also
+        # from a copy of the defaults ('autoalign settings --write') in another folder
+        location = _package_location(p.parts[0])
+        if location is not None and (packaged or location.joinpath(*p.parts[1:]).exists()):
+            candidate = location.joinpath(*p.parts[1:])
+    return str(candidate.resolve() if candidate.exists() else Path(os.path.abspath(candidate)))
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path, packaged: bool) -> dict[str, Any]:
+    """Copy of ``data`` with the :data:`PATH_KEYS` it holds resolved (see :func:`resolve_path_value`)."""
+    out = _merge({}, data)
+    for dotted in PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf].strip():
+            node[leaf] = resolve_path_value(node[leaf], folder, packaged)
+    return out
+
+
+def _read_settings_mapping(path: Path) -> dict[str, Any]:
+    data = read_yaml_file(path, "settings", SettingsError)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a YAML mapping of sections, found {type(data).__name__}")
+    check_format_version(data, str(path), SETTINGS_FORMAT_VERSION, "settings", SettingsError)
+    return data
+
+
+def default_settings_dict() -> dict[str, Any]:
+    """The packaged defaults as a plain dict, paths resolved (``model.checkpoint`` = the shipped weights)."""
+    data = _read_settings_mapping(DEFAULT_SETTINGS_PATH)
+    return _resolve_paths(data, DEFAULT_SETTINGS_PATH.parent, packaged=True)
+
+
+def load_settings(path: str | Path | Settings | None = None) -> Settings:
+    """Load and validate a settings file (default: the packaged ``autoalign/settings.yaml``).
+
+    The file may be partial: its keys are merged over the packaged defaults (unknown keys are still
+    refused). Relative paths inside it resolve against its folder. Duplicate keys and a newer
+    ``format_version`` are refused. A :class:`Settings` instance is returned unchanged, so functions
+    can take either.
     """
     if isinstance(path, Settings):
         return path
-    path = Path(path) if path is not None else DEFAULT_SETTINGS_PATH
+    defaults = default_settings_dict()
+    if path is None or Path(path).resolve() == DEFAULT_SETTINGS_PATH:
+        return settings_from_dict(defaults, source=str(DEFAULT_SETTINGS_PATH))
+    path = Path(path)
+    if path.is_dir():
+        raise SettingsError(f"{path}: is a folder; expected a settings YAML file")
+    user = _read_settings_mapping(path)
+    user = _resolve_paths(user, Path(os.path.abspath(path)).parent, packaged=False)
+    return settings_from_dict(_merge(defaults, user), source=str(path))
+
+
+def resolve_settings_path(explicit: str | Path | None = None,
+                          cwd: str | Path | None = None) -> tuple[Path, str]:
+    """The settings file a command uses and why: an explicit ``--settings`` (relative to the current
+    directory; it must exist), then ``./settings.yaml``, then the packaged default. Returns
+    ``(path, how)`` with ``how`` one of ``"--settings"``, ``"./settings.yaml"``, ``"packaged default"``."""
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if explicit is not None:
+        p = Path(os.path.expanduser(str(explicit)))
+        p = p if p.is_absolute() else here / p
+        if not p.exists():
+            raise SettingsError(f"{explicit}: no such settings file (looked in {p.parent}); "
+                                "'autoalign settings --write FILE' writes a copy of the defaults to edit")
+        return p, "--settings"
+    local = here / "settings.yaml"
+    if local.is_file():
+        return local, "./settings.yaml"
+    return DEFAULT_SETTINGS_PATH, "packaged default"
+
+
+def is_packaged_default(settings: Settings) -> bool:
+    """Whether ``settings`` came from the packaged default file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read the settings file ({exc.strerror or exc})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{path}: not valid YAML: {exc}") from exc
-    return settings_from_dict(data, source=str(path))
+        return Path(settings.source).resolve() == DEFAULT_SETTINGS_PATH
+    except (OSError, ValueError):
+        return False

@@ -12,8 +12,11 @@ phase scale, the camera's real pixel size and orientation, and the high-NA fact 
 defocus is not a pure axial shift. Optionally the stage is poked too (``stage_step_um``) to learn
 the sign of the stage move that re-centres the bead.
 
-Saved as YAML with the date and the settings it was made with; :meth:`PokeCalibration.load`
-warns (or refuses, ``strict=True``) when the optics/camera/stack settings differ.
+Saved as YAML (``format_version`` :data:`POKE_FORMAT_VERSION`, written atomically) with the date
+and the settings it was made with; :meth:`PokeCalibration.load` warns (or refuses, ``strict=True``)
+when the optics/camera/stack settings differ. :func:`default_calibration_path` is where
+``autoalign calibrate`` saves it and where ``align`` and the GUI look for it: next to the settings
+file, or in the user data folder when the settings are the packaged defaults.
 """
 from __future__ import annotations
 
@@ -28,10 +31,31 @@ import yaml
 
 from autoalign.calibration import optics as opt
 from autoalign.correction import Correction
+from autoalign.files import UserError
 
 log = logging.getLogger("autoalign.calibration")
 
 _LOCKED = ("optics", "camera.pixel_size_um", "stack")
+POKE_KIND = "autoalign poke calibration"
+#: Version of the poke-calibration file format written and understood here (absent in a file = 1).
+POKE_FORMAT_VERSION = 1
+
+
+class PokeCalibrationError(UserError, ValueError):
+    """A poke-calibration file that cannot be used (names the file and the problem)."""
+
+
+def default_calibration_path(settings: Any) -> Path:
+    """Where the poke calibration for ``settings`` lives: ``<settings folder>/poke_calibration.yaml``,
+    or ``<user data folder>/poke_calibration.yaml`` when ``settings`` are the packaged defaults (or
+    were not read from a file)."""
+    from autoalign.files import user_data_dir
+    from autoalign.settings import is_packaged_default
+
+    source = Path(str(getattr(settings, "source", "<memory>")))
+    if is_packaged_default(settings) or not source.is_file():
+        return user_data_dir() / "poke_calibration.yaml"
+    return source.absolute().parent / "poke_calibration.yaml"
 
 
 def _locked_settings(settings: Any) -> dict[str, Any]:
@@ -72,7 +96,8 @@ class PokeCalibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "kind": "autoalign poke calibration",
+            "kind": POKE_KIND,
+            "format_version": POKE_FORMAT_VERSION,
             "created": self.created,
             "units": "matrix_um_per_rad: rows dx, dy, dz (um); columns Noll 2, 3, 4 (rad)",
             "matrix_um_per_rad": [[float(v) for v in row] for row in np.asarray(self.matrix_um_per_rad)],
@@ -83,25 +108,49 @@ class PokeCalibration:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        """Write atomically (a crash leaves the old file or the new one)."""
+        from autoalign.files import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @staticmethod
+    def is_calibration_file(path: str | Path) -> bool:
+        """Whether ``path`` is a poke-calibration file (so replacing it loses nothing foreign)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        return isinstance(data, dict) and data.get("kind") == POKE_KIND
 
     @classmethod
     def load(cls, path: str | Path, settings: Any = None, strict: bool = False) -> "PokeCalibration":
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(data, dict) or data.get("kind") != "autoalign poke calibration":
-            raise ValueError(f"{path}: not an autoalign poke calibration file")
-        m = np.asarray(data["matrix_um_per_rad"], dtype=float)
+        """Read a calibration file; :class:`PokeCalibrationError` (a ValueError) names the file and
+        the problem. With ``settings``: a calibration made for other optics is refused (``strict``)
+        or logged as a warning."""
+        from autoalign.settings import check_format_version, read_yaml_file
+
+        data = read_yaml_file(path, "poke calibration", PokeCalibrationError)
+        if not isinstance(data, dict) or data.get("kind") != POKE_KIND:
+            raise PokeCalibrationError(f"{path}: not an autoalign poke calibration file (no 'kind: {POKE_KIND}')")
+        check_format_version(data, str(path), POKE_FORMAT_VERSION, "poke calibration", PokeCalibrationError)
+        try:
+            m = np.asarray(data["matrix_um_per_rad"], dtype=float)
+            sign = data.get("stage_sign")
+            stage_sign = None if sign is None else tuple(float(v) for v in sign)
+            amplitude, residual = float(data.get("amplitude_rad", 0.0)), float(data.get("residual_um", 0.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PokeCalibrationError(f"{path}: malformed poke calibration ({type(exc).__name__}: {exc})") from exc
         if m.shape != (3, 3) or not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 1e-12:
-            raise ValueError(f"{path}: matrix_um_per_rad must be a finite, invertible 3 x 3 matrix")
-        cal = cls(m, float(data.get("amplitude_rad", 0.0)),
-                  None if data.get("stage_sign") is None else tuple(data["stage_sign"]),
-                  str(data.get("created", "")), data.get("settings") or {}, float(data.get("residual_um", 0.0)))
+            raise PokeCalibrationError(f"{path}: matrix_um_per_rad must be a finite, invertible 3 x 3 matrix")
+        if stage_sign is not None and (len(stage_sign) != 3 or any(v not in (-1.0, 1.0) for v in stage_sign)):
+            raise PokeCalibrationError(f"{path}: stage_sign = {sign!r}: expected three values, each +1 or -1")
+        cal = cls(m, amplitude, stage_sign, str(data.get("created", "")), data.get("settings") or {}, residual)
         if settings is not None:
             diffs = cal.differences(settings)
             if diffs:
                 msg = f"{path}: made for other settings: " + "; ".join(diffs)
                 if strict:
-                    raise ValueError(msg)
+                    raise PokeCalibrationError(msg)
                 log.warning(msg)
         return cal
 
@@ -117,6 +166,27 @@ class PokeCalibration:
         return out
 
 
+def load_matching_calibration(settings: Any, explicit: str | Path | None = None,
+                              disabled: bool = False) -> tuple["PokeCalibration | None", str]:
+    """The poke calibration to use with ``settings`` and a one-line message saying which (for the
+    log / GUI). ``explicit``: that file, refused (:class:`PokeCalibrationError`) when made for other
+    optics. Else the saved one at :func:`default_calibration_path` when its optics match; one made
+    for other optics is ignored with a message; none: the optics formulas (message empty)."""
+    if disabled:
+        return None, "poke calibration disabled; using the optics formulas"
+    if explicit:
+        cal = PokeCalibration.load(explicit, settings=settings, strict=True)
+        return cal, f"using the poke calibration {explicit} (made {cal.created})"
+    path = default_calibration_path(settings)
+    if not path.exists():
+        return None, ""
+    try:
+        cal = PokeCalibration.load(path, settings=settings, strict=True)
+    except PokeCalibrationError as exc:
+        return None, f"ignoring the saved poke calibration (using the optics formulas): {exc}"
+    return cal, f"using the saved poke calibration {path} (made {cal.created}; its optics match these settings)"
+
+
 def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: float | None = None,
                          use: bool = True) -> PokeCalibration:
     """Poke tip, tilt and defocus by +-``amplitude_rad`` (6 stacks; 2 more per stage axis when
@@ -124,6 +194,12 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
     shown again at the end. Raises ``RuntimeError`` when a poke gives an invalid measurement.
     ``loop``: the alignment loop's public API (``probe``, ``restore``, ``acquire``, ``correction``,
     ``devices``, ``settings``, ``log``)."""
+
+    if not (np.isfinite(amplitude_rad) and amplitude_rad > 0):
+        raise ValueError(f"amplitude_rad = {amplitude_rad!r}: expected a number > 0")
+    if stage_step_um is not None and not (np.isfinite(stage_step_um) and stage_step_um > 0):
+        raise ValueError(f"stage_step_um = {stage_step_um!r}: expected a number > 0 (a negative or zero step "
+                         "would learn the stage sign backwards)")
     base: Correction = loop.correction.copy()
     matrix = np.zeros((3, 3))
     spread = []
@@ -158,7 +234,11 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
 
 
 def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
-    """Sign (per axis) of the stage move that cancels an apparent bead offset."""
+    """Sign (per axis) of the stage move that cancels an apparent bead offset. ``step`` (um) must be
+    > 0; an axis whose poke moves the bead by less than a quarter of ``step`` raises RuntimeError
+    (the stage did not move, or the bead was lost), so no sign is guessed."""
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"stage_step_um = {step!r}: expected a number > 0")
     xy, focus = loop.devices.xy, loop.devices.focus
     x0, y0 = xy.position_um
     z0 = focus.position_um
@@ -173,7 +253,13 @@ def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
             m = loop.acquire()
             xy.move_to(x0, y0)
             focus.move_to(z0)
+            if not (m.valid and m0.valid):
+                raise RuntimeError(f"stage poke: invalid stack along axis {'xyz'[axis]} "
+                                   f"({m.reason or m0.reason}); stage signs not learned")
             moved = m.offset_um[axis] - m0.offset_um[axis]
+            if not abs(moved) >= 0.25 * step:
+                raise RuntimeError(f"stage poke: a {step} um move along {'xyz'[axis]} moved the bead by only "
+                                   f"{moved:.3g} um; stage signs not learned (check the stage and the step)")
             # a stage move of +step shifts the image by `moved`; cancelling an offset d needs -d/moved*step
             signs.append(-1.0 if moved > 0 else 1.0)
     finally:
@@ -182,4 +268,5 @@ def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
     return tuple(signs)  # type: ignore[return-value]
 
 
-__all__ = ["PokeCalibration", "run_poke_calibration"]
+__all__ = ["PokeCalibration", "PokeCalibrationError", "run_poke_calibration", "default_calibration_path",
+           "load_matching_calibration", "POKE_FORMAT_VERSION"]

@@ -63,11 +63,27 @@ def make_slm(settings: "Settings", microscope: "SimulatedMicroscope | None" = No
     backend = settings.slm.backend
     if backend == "simulated":
         if microscope is None:
-            raise DeviceError(
-                "slm.backend = 'simulated' needs the simulated microscope (hardware.backend = 'simulated'); "
-                "with real hardware choose slm.backend 'qt' or 'slmpy'"
-            )
-        from autoalign.hardware.simulated import SimulatedSLM  # backends load on use (torch)
+            # wiring demo (e.g. Micro-Manager's demo camera and stages): the pattern is converted
+            # and validated like on a real SLM, then kept in memory; no beam sees it
+            from autoalign.hardware.slm.convert import PhaseToGrey
+            from autoalign.hardware.slm.device import ConvertingSLM
+
+            class WiringDemoSLM(ConvertingSLM):
+                def _open(self) -> None:
+                    pass
+
+                def _close(self) -> None:
+                    pass
+
+                def _display(self, grey: Any, phase_rad: Any) -> None:
+                    pass
+
+            logging.getLogger("autoalign.hardware").warning(
+                "slm.backend 'simulated' with hardware.backend %r: WIRING DEMO, the SLM pattern is kept in "
+                "memory and reaches no beam", settings.hardware.backend)
+            return WiringDemoSLM(PhaseToGrey.from_settings(settings, name="wiring-demo SLM"),
+                                 float(settings.slm.pixel_pitch_um), "wiring-demo SLM (in memory)")
+        from autoalign.hardware.simulated import SimulatedSLM
 
         return SimulatedSLM(microscope)
     if backend == "qt":

@@ -159,8 +159,11 @@ def _timed(fn):
 
 
 def test_factory_backends(settings):
-    with pytest.raises(DeviceError, match="needs the simulated microscope"):
-        open_devices(settings.replace(**{"hardware.backend": "micromanager"}))
+    # Micro-Manager hardware with slm.backend 'simulated': the wiring demo's in-memory SLM (no microscope)
+    from autoalign.hardware.factory import make_slm
+
+    demo_slm = make_slm(settings.replace(**{"hardware.backend": "micromanager"}), None)
+    assert "wiring-demo" in demo_slm.name and demo_slm.shape == (settings.slm.height_px, settings.slm.width_px)
     # simulated hardware with another SLM backend: the SLM opens, the microscope is still there
     import sys
     import types

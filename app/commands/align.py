@@ -27,22 +27,51 @@ log = logging.getLogger("autoalign.align")
 
 
 def register(subparsers: Any) -> None:
+    from autoalign.app.cli import gain_float, non_negative_int, positive_int
+
     p = subparsers.add_parser("align", help="run the closed alignment loop (headless)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_argument(p)
-    p.add_argument("--backend", choices=["sim", "micromanager"], default="sim")
-    p.add_argument("--iterations", type=int, default=None, help="iterations per trial (default loop.max_iterations)")
-    p.add_argument("--trials", type=int, default=1, help="simulated trials, each a fresh hidden aberration")
-    p.add_argument("--seed", type=int, default=None, help="first trial's seed (default simulation.seed)")
-    p.add_argument("--gain", type=float, default=None)
-    p.add_argument("--corrector", choices=["model", "modal"], default="model")
-    p.add_argument("--checkpoint", default=None, help="model checkpoint (default model.checkpoint)")
-    p.add_argument("--calibration", default=None, help="poke calibration YAML (default: optics formulas)")
-    p.add_argument("--aberration-rms", default=None, metavar="A[:B]",
-                   help="hidden aberration RMS, rad (sim); A:B draws each trial's uniformly in [A, B]")
+    p.add_argument("--backend", choices=["sim", "micromanager"], default=None,
+                   help="sim: the simulated microscope; micromanager: the devices of the settings' "
+                   "hardware section (default: the settings' hardware.backend)")
+    p.add_argument("--demo-micromanager", action="store_true",
+                   help="wiring demo: Micro-Manager's demo camera and stages (mm-test-adapters) with the "
+                   "simulated SLM (the packaged demo_micromanager.yaml); not an alignment")
+    p.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                   help="iterations per trial, >= 1 (default loop.max_iterations)")
+    p.add_argument("--trials", type=positive_int, default=1, metavar="T",
+                   help="simulated trials, each a fresh hidden aberration, >= 1 (default 1)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="first trial's seed, >= 0 (default simulation.seed)")
+    p.add_argument("--gain", type=gain_float, default=None,
+                   help="fraction of each correction applied, in (0, 1] (default loop.gain)")
+    p.add_argument("--corrector", choices=["model", "modal"], default="model",
+                   help="model: the CNN (default); modal: the model-free baseline")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="model checkpoint (default model.checkpoint; relative to the current folder)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="poke calibration YAML (default: the one 'autoalign calibrate' wrote for these "
+                   "settings when its optics match, else the optics formulas)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore any saved poke calibration; use the optics formulas")
+    p.add_argument("--aberration-rms", default=None, metavar="A[:B]", type=_rms_spec,
+                   help="hidden aberration RMS, rad, >= 0 (sim); A:B draws each trial's uniformly in [A, B]")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
-    p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
+    p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and align.png here")
+    p.add_argument("--force", action="store_true",
+                   help="replace report files in DIR that this command did not write")
     p.set_defaults(func=run)
+
+
+def _rms_spec(text: str) -> str:
+    """argparse type for --aberration-rms: ``A`` or ``A:B`` with 0 <= A <= B, finite."""
+    try:
+        parts = [float(v) for v in text.split(":", 1)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A or A:B (radians, 0 <= A <= B), got {text!r}") from None
+    if any(not np.isfinite(v) or v < 0 for v in parts) or (len(parts) == 2 and parts[0] > parts[1]):
+        raise argparse.ArgumentTypeError(f"expected A or A:B (radians, 0 <= A <= B), got {text!r}")
+    return text
 
 
 def _settings_for(args: argparse.Namespace, trial: int) -> Any:
@@ -176,47 +205,149 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "align.png"
-    fig.savefig(path, dpi=120)
+    from autoalign.files import atomic_writer
+
+    with atomic_writer(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120, metadata={"Software": "autoalign align"})
     plt.close(fig)
     return [str(path)]
 
 
-def run(args: argparse.Namespace) -> int:
-    base = load_settings(args.settings)
-    iterations = args.iterations or base.loop.max_iterations
-    calibration = None
-    if args.calibration:
-        from autoalign.calibration.poke import PokeCalibration
+REPORT_KIND = "autoalign align report"
 
-        calibration = PokeCalibration.load(args.calibration, settings=base)
+
+def _prepare_report(report: str | None, force: bool) -> Path | None:
+    """Check the report folder before any work: writable, and holding no summary.json / align.png
+    that another program (or a person) wrote, unless ``force``."""
+    if not report:
+        return None
+    from autoalign.files import OverwriteRefused, check_writable, png_software
+
+    out = Path(report).absolute()
+    if out.exists() and not out.is_dir():
+        raise OverwriteRefused(f"{out}: --report expects a folder, this is a file")
+    check_writable(out, "report", folder=True)
+    summary, png = out / "summary.json", out / "align.png"
+    if not force:
+        ours = False
+        if summary.exists():
+            try:
+                data = json.loads(summary.read_text(encoding="utf-8"))
+                # this version writes "kind"; earlier versions are recognised by their keys
+                ours = data.get("kind") == REPORT_KIND or {"table", "per_trial", "corrector"} <= set(data)
+            except (OSError, ValueError, AttributeError, TypeError):
+                ours = False
+            if not ours:
+                raise OverwriteRefused(f"{summary}: exists and is not an autoalign align report; choose "
+                                       "another --report folder or pass --force")
+        software = png_software(png) or ""
+        if png.exists() and not (software.startswith("autoalign") or (ours and software.startswith("Matplotlib"))):
+            raise OverwriteRefused(f"{png}: exists and was not written by autoalign; choose another "
+                                   "--report folder or pass --force")
+    return out
+
+
+def default_calibration(settings: Any, explicit: str | None = None, disabled: bool = False) -> Any:
+    """The poke calibration ``align`` uses (see :func:`calibration.poke.load_matching_calibration`);
+    says which on stderr."""
+    from autoalign.calibration.poke import load_matching_calibration
+
+    cal, message = load_matching_calibration(settings, explicit, disabled)
+    if message:
+        print(f"autoalign align: {message}", file=sys.stderr)
+    return cal
+
+
+def run(args: argparse.Namespace) -> int:
+    from autoalign.app.cli import cli_path
+    from autoalign.hardware.base import DeviceError
+    from autoalign.settings import load_settings
+
+    if args.demo_micromanager:  # the command line has pointed args.settings at the packaged demo
+        from autoalign.settings import DEMO_MICROMANAGER_SETTINGS_PATH
+
+        if args.settings is None:
+            args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
+        args.backend = "micromanager"
+    base = load_settings(args.settings)
+    if args.backend is None:
+        args.backend = "micromanager" if base.hardware.backend == "micromanager" else "sim"
+    report_dir = _prepare_report(cli_path(args.report), args.force)
+    iterations = args.iterations or base.loop.max_iterations
+    calibration = default_calibration(device_settings_for(args), cli_path(args.calibration),
+                                      args.no_calibration)
     trials_n = args.trials if args.backend == "sim" else 1
     predictor = None
-    trials = []
+    trials: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for t in range(trials_n):
-        settings = _settings_for(args, t)
-        if predictor is None and args.corrector == "model":
-            from autoalign.models.predictor import Predictor
+    stopped: tuple[str, int] | None = None
+    try:
+        for t in range(trials_n):
+            settings = _settings_for(args, t)
+            if predictor is None and args.corrector == "model":
+                from autoalign.models.predictor import Predictor
 
-            try:
                 predictor = Predictor.load(settings=settings)
-            except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
-                print(f"autoalign align: cannot load the model: {exc}", file=sys.stderr)
-                return 2
-        try:
-            trials.append(run_trial(settings, iterations, args.corrector, args.gain, predictor, calibration))
-        except Exception as exc:  # noqa: BLE001 - report which trial failed, keep the others
-            log.error("trial %d failed: %s", t, exc)
-            if args.backend != "sim":
+            try:
+                trials.append(run_trial(settings, iterations, args.corrector, args.gain, predictor, calibration))
+            except DeviceError:
                 raise
-        if not args.json:
-            print(f"trial {t + 1}/{trials_n}: residual {trials[-1]['rows'][0]['true_residual_rms']!s:.6} -> "
-                  f"{trials[-1]['rows'][-1]['true_residual_rms']!s:.6} rad", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - report which trial failed, keep the others
+                log.error("trial %d failed: %s", t, exc)
+                if args.backend != "sim":
+                    raise
+                continue
+            if not args.json:
+                print(f"trial {t + 1}/{trials_n}: residual {_fmt(trials[-1]['rows'][0]['true_residual_rms'])} -> "
+                      f"{_fmt(trials[-1]['rows'][-1]['true_residual_rms'])} rad", file=sys.stderr)
+    except KeyboardInterrupt:
+        stopped = (f"interrupted (Ctrl-C) after {len(trials)} of {trials_n} trial(s)", 130)
+    except DeviceError as exc:
+        stopped = (f"device error after {len(trials)} of {trials_n} trial(s): {str(exc).rstrip('. ')}", 1)
     if not trials:
+        if stopped:
+            print(f"autoalign align: {stopped[0]}; nothing to report", file=sys.stderr)
+            return stopped[1]
+        print("autoalign align: every trial failed (see the messages above)", file=sys.stderr)
         return 1
+    summary = _summary(args, trials, iterations, time.perf_counter() - t_start)
+    if stopped:
+        summary["stopped"] = stopped[0]
+    if report_dir is not None:
+        from autoalign.files import atomic_write_text
+
+        summary["plots"] = write_plots(summary["table"], trials, report_dir,
+                                       f"{args.corrector}, {len(trials)} trials")
+        atomic_write_text(report_dir / "summary.json", json.dumps(summary, indent=1, default=float))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_trial"}, indent=1, default=float))
+    else:
+        print(format_table(summary["table"]))
+        median = summary["iteration_s_median"]
+        print(f"dry-run iteration wall time median {_fmt(median, '.3f')} s; measured null "
+              f"depth floor with this bead (perfect correction, no noise) {_fmt(summary['ideal_null_depth'], '.4f')}")
+    if stopped:
+        where = f"; report for them in {report_dir}" if report_dir is not None else ""
+        print(f"autoalign align: {stopped[0]}; kept {len(trials)} finished trial(s){where}", file=sys.stderr)
+        return stopped[1]
+    return 0
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def device_settings_for(args: argparse.Namespace) -> Any:
+    from autoalign.app.cli import device_settings
+
+    return device_settings(args)
+
+
+def _summary(args: argparse.Namespace, trials: list[dict[str, Any]], iterations: int, wall_s: float) -> dict[str, Any]:
     table = summarise(trials)
     iter_s = [s for t in trials for s in t["iteration_s"]]
-    summary = {
+    return {
+        "kind": REPORT_KIND,
         "backend": args.backend, "corrector": args.corrector, "trials": len(trials), "iterations": iterations,
         "seed": args.seed, "aberration_rms": args.aberration_rms, "table": table,
         "ideal_null_depth": trials[0]["ideal_null_depth"], "measured_null_floor": trials[0]["ideal_null_depth"],
@@ -224,16 +355,5 @@ def run(args: argparse.Namespace) -> int:
         "iteration_s_median": float(np.median(iter_s)) if iter_s else None,
         "iteration_s_p95": float(np.percentile(iter_s, 95)) if iter_s else None,
         "stacks_per_trial_median": float(np.median([t["stacks"] for t in trials])),
-        "wall_s": time.perf_counter() - t_start, "per_trial": trials,
+        "wall_s": wall_s, "per_trial": trials,
     }
-    if args.report:
-        out = Path(args.report)
-        summary["plots"] = write_plots(table, trials, out, f"{args.corrector}, {len(trials)} trials")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "per_trial"}, indent=1, default=float))
-    else:
-        print(format_table(table))
-        print(f"dry-run iteration wall time median {summary['iteration_s_median']:.3f} s; measured null "
-              f"depth floor with this bead (perfect correction, no noise) {summary['ideal_null_depth']:.4f}")
-    return 0

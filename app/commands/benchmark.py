@@ -14,11 +14,13 @@ from autoalign.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("benchmark", help="simulator and inference speed / accuracy")
+    p = sub.add_parser("benchmark", help="simulator and inference speed / accuracy", description=__doc__)
     add_settings_argument(p)
-    p.add_argument("--batch", type=int, default=256, help="ortho-section triplets per batch")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    from autoalign.app.cli import positive_int
+
+    p.add_argument("--batch", type=positive_int, default=256, help="ortho-section triplets per batch, >= 1 (default 256)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timing repeats (the best is kept), >= 1 (default 3)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads, >= 1 (default: all)")
     p.add_argument("--skip-model", action="store_true", help="do not time the CNN")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)

@@ -21,10 +21,15 @@ CASES: list[tuple[str, dict[int, float]]] = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="figure of ideal and aberrated donuts (simulation report)")
+    p = sub.add_parser("report", help="figure of ideal and aberrated donuts (simulation report)", description=__doc__)
     add_settings_argument(p)
-    p.add_argument("--out", default="out/donuts.png", help="PNG to write")
-    p.add_argument("--seed", type=int, default=0)
+    from autoalign.app.cli import non_negative_int
+
+    p.add_argument("--out", default="out/donuts.png", metavar="PNG",
+                   help="PNG to write (default out/donuts.png); an existing file is replaced only when "
+                   "autoalign wrote it, else with --force")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random case and the noise, >= 0")
+    p.add_argument("--force", action="store_true", help="replace --out even when autoalign did not write it")
     p.set_defaults(func=run)
 
 
@@ -44,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from autoalign.simulation.noise import CameraModel, blur_by_bead
     from autoalign.simulation.zernike import rms
 
+    from autoalign.app.cli import cli_path
+    from autoalign.files import OverwriteRefused, atomic_writer, check_writable, png_software
+
+    out = Path(cli_path(args.out))
+    if out.exists() and not args.force and not (png_software(out) or "").startswith("autoalign"):
+        raise OverwriteRefused(f"{out}: exists and was not written by autoalign; choose another --out or "
+                               "pass --force")
+    check_writable(out, "figure")
     settings = load_settings(args.settings)
     sim = PSFSimulator.from_settings(settings)
     camera = CameraModel.from_settings(settings)
@@ -78,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
         f"camera: {settings.camera.peak_photons:.0f} photons at the ideal peak", fontsize=10
     )
     fig.tight_layout()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    with atomic_writer(out, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=80, metadata={"Software": "autoalign report"})
     print(f"wrote {out}")
     return 0
