@@ -856,7 +856,7 @@ class HistoryPlots(QtWidgets.QWidget):
                   scatter: float | None = None) -> None:
         """The expected null floor for the bead (the null metric on the ideal donut through it,
         dashed) and, when given, the scatter of one noisy stack's null around it (grey band)."""
-        self.floor = None if floor is None or not np.isfinite(floor) or floor <= 0 else float(floor)
+        self.floor = None if floor is None or not np.isfinite(floor) or floor < 0 else float(floor)
         self.floor_scatter = (float(scatter) if scatter is not None and np.isfinite(scatter)
                               and self.floor is not None else None)
         self.floor_line.setVisible(self.floor is not None)
@@ -865,7 +865,8 @@ class HistoryPlots(QtWidgets.QWidget):
             self.floor_line.setPos(math.log10(max(self.floor, self.NULL_FLOOR)))
             bead = "" if bead_diameter_um is None else f" {1000 * bead_diameter_um:.0f} nm"
             pm = "" if self.floor_scatter is None else f" ± {100 * self.floor_scatter:.1g}"
-            self.floor_label = f"floor{bead}: {100 * self.floor:.2g}{pm} %"
+            value = f"{100 * self.floor:.2g}" if self.floor > 0 else "0"
+            self.floor_label = f"floor{bead}: {value}{pm} %"
             if self.floor_scatter is not None:
                 lo = max(self.floor - self.floor_scatter, self.NULL_FLOOR)
                 self.floor_band.setRegion((math.log10(lo),

@@ -320,7 +320,8 @@ class AlignWorker(QtCore.QObject):
         after = self._true_residual()
         reason = str(getattr(self.loop, "stop_reason", "") or "")
         if before is not None and after is not None:
-            self.log.emit(f"True residual (simulated microscope): {before:.3f} -> {after:.3f} rad RMS")
+            self.log.emit(f"True residual (simulated microscope): {before:.3f} rad RMS before this "
+                          f"run, {after:.3f} rad RMS after it")
         error = getattr(self.loop, "last_error", None)
         if error is not None:  # the loop stopped cleanly on a device failure: surface it
             raise RuntimeError(f"{reason or error} (after {len(records or [])} iteration(s))")
