@@ -40,7 +40,7 @@ def write_new(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(tmp))
         try:
             os.link(tmp, path)
-        except FileExistsError:
+        except FileExistsError:   # never replace a file (it is an OSError: re-raise first)
             raise
         except OSError:   # a file system without hard links: rename if still free
             if path.exists():
