@@ -291,17 +291,42 @@ def test_layout_fits_1366x768(qtbot, bare_window):
     assert left >= 0 and left + box.width() <= scroll.width()
 
 
+HIGH_DPI_SCRIPT = """
+import os
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+os.environ["QT_SCALE_FACTOR"] = "2"           # a 4K screen at 200 %
+from autoalign.app.gui import enable_high_dpi, simulated_settings
+enable_high_dpi()
+from PyQt5 import QtCore, QtWidgets
+app = QtWidgets.QApplication([])
+assert app.testAttribute(QtCore.Qt.AA_EnableHighDpiScaling)
+assert app.testAttribute(QtCore.Qt.AA_UseHighDpiPixmaps)
+from autoalign.settings import load_settings
+from autoalign.app.gui.main_window import MainWindow
+from autoalign.app.gui.worker import AlignWorker
+def fail(_settings):
+    raise RuntimeError("no devices")
+s = simulated_settings(load_settings(None))
+w = MainWindow(s, worker=AlignWorker(s, open_devices=fail))
+w.resize(1366, 728)
+w.show()
+app.processEvents()
+try:
+    image = w.grab()
+    # the same layout drawn with (at least) twice the pixels: sharp on the 4K screen, not tiny
+    # (the offscreen screen adds its own 100/96 dpi factor on top)
+    ratio = image.devicePixelRatioF()
+    assert 2.0 <= ratio < 2.2, ratio
+    assert abs(image.width() - ratio * w.width()) <= 2, (image.size(), w.size())
+finally:
+    w.shutdown()
+print("ok")
+"""
+
+
 def test_high_dpi_scaling_is_set_before_the_application():
-    code = ("import os; os.environ['QT_QPA_PLATFORM'] = 'offscreen'\n"
-            "from autoalign.app.gui import enable_high_dpi\n"
-            "enable_high_dpi()\n"
-            "from PyQt5 import QtCore, QtWidgets\n"
-            "app = QtWidgets.QApplication([])\n"
-            "assert app.testAttribute(QtCore.Qt.AA_EnableHighDpiScaling)\n"
-            "assert app.testAttribute(QtCore.Qt.AA_UseHighDpiPixmaps)\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", HIGH_DPI_SCRIPT], capture_output=True, text=True,
+                         timeout=180)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
