@@ -597,10 +597,12 @@ class MainWindow(QtWidgets.QMainWindow):
         """Help → Keyboard shortcuts: every bound shortcut, read from the actions themselves."""
         rows = "".join(
             f"<tr><td><b>{a.shortcut().toString(QtGui.QKeySequence.NativeText)}</b></td>"
-            f"<td>{a.text().replace('&', '')}</td></tr>"
+            f"<td nowrap>{a.text().replace('&', '')}</td></tr>"
             for a in self.actions.values() if not a.shortcut().isEmpty())
         self._message(QtWidgets.QMessageBox.Information, "Keyboard shortcuts",
                       f"<table cellspacing=6>{rows}</table>")
+        self.message_boxes[-1].setStyleSheet(   # one line a row
+            "QLabel#qt_msgbox_label { min-width: 24em; }")
 
     # ------------------------------------------------------------------ report
     def report_summary(self) -> dict[str, Any]:
