@@ -713,7 +713,8 @@ class MainWindow(QtWidgets.QMainWindow):
             self._status(f"Invalid stack ({self.slm_state}): {getattr(m, 'reason', '?')}")
 
     def state_name(self, iterations: int) -> str:
-        """The name of the state after ``iterations`` iterations (of this history)."""
+        """The name of the state after ``iterations`` iterations (counted since the window
+        opened; refused iterations count, and change nothing on the SLM)."""
         return "before correction" if iterations <= 0 else f"after iteration {iterations}"
 
     def _state_text(self, state: str, metrics: dict, now: bool = False) -> str:
@@ -735,7 +736,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self._iterations_done += 1
         metrics = dict(getattr(r, "metrics", {}) or {})
         k = len(self.history.data["iteration"])
-        state = self.state_name(k)
+        state = self.slm_state          # what was on the SLM when this record's stack was taken
         self.history.add(metrics, label=state)
         corr = getattr(getattr(r, "correction", None), "coefficients", None)
         self.bars.set_values(correction=corr, prediction=getattr(r, "prediction", None) or {})
@@ -754,7 +755,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.log.add(line)
         self._show_state(state, seen)
         if applied:
-            self.slm_state = self.state_name(k + 1)
+            self.slm_state = self.state_name(self._iterations_done)
             if self.now_state is not None:
                 self.now_state["state"] = state
 
@@ -764,10 +765,10 @@ class MainWindow(QtWidgets.QMainWindow):
         correction, a zero or a load): the last history point, the bars and the 'now' snapshot."""
         info = dict(info or {})
         event = str(info.get("event", ""))
-        k = len(self.history.data["iteration"])
+        k = self._iterations_done
         names = {"restored": f"best correction restored (after {k} iteration(s))",
                  "zero_slm": "SLM zeroed (mask only)", "load_correction": "correction loaded"}
-        self.slm_state = names.get(event, self.state_name(k))
+        self.slm_state = names.get(event, self.slm_state)
         metrics = dict(info.get("metrics") or {})
         self.history.set_current(metrics, self.slm_state)
         corr = info.get("correction")
@@ -861,6 +862,10 @@ class MainWindow(QtWidgets.QMainWindow):
             self.corrector = str(result)
         elif task == "zero_slm":
             self.bars.set_values(correction={}, prediction={})
+        elif task in ("acquire", "centre") and result is not None and self.now_state is not None:
+            seen = {"null_depth": self.now_state.get("null_depth")}
+            self.log.add(self._state_text(self.now_state.get("state", self.slm_state), seen))
+            self._show_state(self.now_state.get("state", self.slm_state), seen)
         text = f"{TASK_TITLES.get(task, task)}: done"
         if task == "run" and isinstance(result, dict):
             self.set_diagnosis(result)
