@@ -322,13 +322,13 @@ class MainWindow(QtWidgets.QMainWindow):
         self.status_progress.setMaximumWidth(160)
         self.status_progress.setVisible(False)
         # long texts are cut (full text in the tooltip), never widen the window
-        for label in (self.status_state, self.status_metrics, self.status_backend):
+        for label in (self.status_state, self.status_metrics):
             label.setMinimumWidth(40)
             label.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
         sb.addWidget(self.status_state, 2)
         sb.addPermanentWidget(self.status_metrics, 3)
         sb.addPermanentWidget(self.status_progress)
-        sb.addPermanentWidget(self.status_backend, 1)
+        sb.addPermanentWidget(self.status_backend)
 
     def _layout(self) -> None:
         top = QtWidgets.QSplitter(QtCore.Qt.Horizontal)
