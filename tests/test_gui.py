@@ -5,7 +5,9 @@ a user does: buttons, the Stop button, closing the window.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 
 import numpy as np
@@ -19,7 +21,12 @@ pytest.importorskip("pytestqt")
 
 from PyQt5 import QtCore, QtGui, QtWidgets  # noqa: E402
 
+from autoalign.app.gui.reference import null_metric  # noqa: E402
+from autoalign.correction import Correction  # noqa: E402
 from autoalign.settings import load_settings  # noqa: E402
+
+#: the names of one state in the log and the status bar
+STATE = re.compile(r"before correction|after iteration \d+|best correction restored")
 
 OPEN_TIMEOUT_MS = 90_000
 TASK_TIMEOUT_MS = 60_000
@@ -71,7 +78,7 @@ def _wait_done(qtbot, w, task: str, timeout: int = TASK_TIMEOUT_MS) -> None:
 
 
 # ------------------------------------------------------------------ with the simulated microscope
-def test_auto_align_lowers_true_residual(qtbot, window):
+def test_auto_align_lowers_true_residual(qtbot, window, tmp_path):
     _need_model(window.settings)
     w = window
     w.results.clear()
@@ -94,8 +101,88 @@ def test_auto_align_lowers_true_residual(qtbot, window):
     assert 1 <= len(w.history.data["iteration"]) <= 3
     true = w.history.true_residual
     assert true[max(true)] < true[0]
-    assert "true residual" in w.status_metrics.text()
     assert not w.is_busy and w.actions["run"].isEnabled()
+    # the last point is the state on the SLM now, imaged after the run (one more stack)
+    n = len(w.history.data["iteration"])
+    current = w.history.points()[-1]
+    assert current["current"] and current["x"] == n and current["label"] == f"after iteration {n}"
+    null_now = null_metric()(w.sections_view.last_sections, w.sections_view._args["background"])
+    assert current["null_depth"] == pytest.approx(null_now)
+    assert w.history.null_curve.getData()[0][-1] == n
+    # status bar and log lines name one state each, with that state's numbers
+    assert w.status_metrics.text().startswith(f"after iteration {n}: null ")
+    state_lines = [line.split("  ", 1)[1] for line in w.log.lines
+                   if STATE.match(line.split("  ", 1)[-1])]
+    assert state_lines[-1].startswith(f"after iteration {n} (on the SLM now): null ")
+    for line in state_lines:
+        assert len(STATE.findall(line)) == 1, line
+    # the floor for the bead (computed once) and the diagnosis slot
+    assert w.reference is not None and w.history.floor == w.reference.null_depth_floor
+    assert w.results["run"]["stop_reason"] in w.history.diagnosis_label.text()
+    # before / after: the first imaged state and the current one
+    ba = w.before_after
+    assert "before correction" in ba.before.text and f"after iteration {n}" in ba.after.text
+    np.testing.assert_allclose(ba.after.sections, w.sections_view.last_sections)
+    assert not np.allclose(ba.before.sections, ba.after.sections)
+    # the report: PNG + JSON + correction of this state, never overwriting
+    reports = tmp_path / "reports"
+    first, second = w.save_report(reports), w.save_report(reports)
+    assert len({p.name for p in (*first.values(), *second.values())}) == 6
+    data = json.loads(first["json"].read_text())
+    assert data["state"] == f"after iteration {n}"
+    assert data["metrics"]["null_depth"] == pytest.approx(current["null_depth"])
+    assert data["null_depth_floor"] == pytest.approx(w.reference.null_depth_floor)
+    saved = Correction.load_yaml(first["correction"]).coefficients
+    live = w.worker.loop.correction.coefficients
+    assert all(abs(saved.get(k, 0.0) - v) < 1e-9 for k, v in live.items())
+    assert first["png"].stat().st_size > 10_000
+    # with all that content, the window still fits 1366 x 768
+    w.resize(1366, 728)
+    qtbot.waitUntil(lambda: w.size() == QtCore.QSize(1366, 728), timeout=2000)
+    assert w.minimumSizeHint().width() <= 1366 and w.minimumSizeHint().height() <= 728
+
+
+def test_window_starts_on_the_vortex_mask(qtbot, window):
+    """Not a flat SLM: the beam's vortex (charge from the settings) is on the SLM and shown."""
+    w = window
+    phase = np.asarray(w.worker.loop.devices.slm.phase_rad, dtype=float)
+    m = phase.shape[0]
+    # winding number of the phase around the pupil centre, on a circle of half the pupil radius
+    t = np.linspace(0, 2 * np.pi, 721)
+    rows = np.clip(np.round(m / 2 - 0.5 + 0.25 * m * np.sin(t)).astype(int), 0, m - 1)
+    cols = np.clip(np.round(m / 2 - 0.5 + 0.25 * m * np.cos(t)).astype(int), 0, m - 1)
+    steps = np.angle(np.exp(1j * np.diff(phase[rows, cols])))
+    assert round(steps.sum() / (2 * np.pi)) == w.settings.optics.vortex_charge
+    shown = w.phase_view.last_phase
+    assert shown is not None and np.nanmax(shown) - np.nanmin(shown) > 6.0   # the full 2 pi ramp
+    assert any("mask + correction shown" in line for line in w.log.lines)
+
+
+def test_best_restore_refreshes_history_bars_and_images(qtbot, window):
+    """After a run that restores its best correction, the last point, the bars and the sections
+    show the restored state (imaged once more on the worker)."""
+    _need_model(window.settings)
+    w = window
+    loop = w.worker.loop
+    loop.patience = 1
+    loop._score = lambda r: float(r.iteration)   # every iteration looks worse: restore the best
+    w.results.clear()
+    seen = w.measurements_seen
+    w.auto_align(iterations=4, gain=0.5)
+    _wait_done(qtbot, w, "run")
+    assert not w.errors, w.errors
+    result = w.results["run"]
+    assert "best correction restored" in result["stop_reason"], result
+    assert w.measurements_seen == seen + result["records"] + 1     # one stack of the restored state
+    current = w.history.points()[-1]
+    assert current["current"] and current["label"].startswith("best correction restored")
+    restored = loop.correction.coefficients
+    assert all(abs(w.bars.correction.get(k, 0.0) - v) < 1e-9 for k, v in restored.items())
+    assert not any(abs(v) > 1e-12 for v in w.bars.prediction.values())
+    null_now = null_metric()(w.sections_view.last_sections, w.sections_view._args["background"])
+    assert current["null_depth"] == pytest.approx(null_now)
+    assert w.status_metrics.text().startswith("best correction restored")
+    assert "best correction restored" in w.before_after.after.text
 
 
 def test_stop_mid_run(qtbot, window):

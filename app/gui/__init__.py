@@ -22,6 +22,21 @@ def ensure_qt_platform(headless: bool) -> None:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
 
+def enable_high_dpi() -> None:
+    """Scale the window with the screen (4K, fractional scaling): Qt's high-DPI attributes, which
+    must be set before the ``QApplication`` exists (does nothing once it does)."""
+    from PyQt5 import QtCore, QtGui, QtWidgets
+
+    if QtWidgets.QApplication.instance() is not None:
+        return
+    QtCore.QCoreApplication.setAttribute(QtCore.Qt.AA_EnableHighDpiScaling, True)
+    QtCore.QCoreApplication.setAttribute(QtCore.Qt.AA_UseHighDpiPixmaps, True)
+    policy = getattr(QtCore.Qt, "HighDpiScaleFactorRoundingPolicy", None)
+    if policy is not None and hasattr(QtGui.QGuiApplication,
+                                      "setHighDpiScaleFactorRoundingPolicy"):   # Qt >= 5.14
+        QtGui.QGuiApplication.setHighDpiScaleFactorRoundingPolicy(policy.PassThrough)
+
+
 def install_excepthook(window: Any) -> Any:
     """An exception escaping a Qt slot would abort the process (PyQt5 >= 5.5 calls qFatal when
     no ``sys.excepthook`` is set): log it in the window instead, and keep the application alive."""
@@ -55,10 +70,13 @@ def run_app(settings: Any, screenshot: str | None = None, auto_align: int = 0,
     from autoalign.app.gui.main_window import MainWindow
     from autoalign.app.gui.worker import AlignWorker
 
+    enable_high_dpi()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     app.setApplicationName("autoalign")
     window = MainWindow(settings, worker=AlignWorker(settings, corrector=corrector))
     previous_hook = install_excepthook(window)
+    if screenshot is not None:
+        window.resize(1400, 900)   # the documented size, whatever the (offscreen) screen says
     try:
         window.show()
         if screenshot is None:
@@ -128,4 +146,5 @@ def _screenshot_mode(app: Any, window: Any, screenshot: str, auto_align: int,
     return state["code"]
 
 
-__all__ = ["run_app", "simulated_settings", "ensure_qt_platform", "install_excepthook"]
+__all__ = ["run_app", "simulated_settings", "ensure_qt_platform", "install_excepthook",
+           "enable_high_dpi"]

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PyQt5 import QtCore, QtGui, QtWidgets
 
-from autoalign.app.gui.widgets import HistoryPlots, LogPanel, ModeBarChart, OrthoSectionsView, PhaseView
+from autoalign.app.gui.widgets import (BeforeAfterView, HistoryPlots, LogPanel, ModeBarChart,
+                                       OrthoSectionsView, PhaseView)
 from autoalign.app.gui.worker import AlignWorker
 
 TASK_TITLES = {
@@ -57,8 +58,37 @@ ACTIONS = [
     ("clear_history", "C&lear history", "", "Clear the history plots"),
     ("reconnect", "&Reconnect devices", "", "Open the devices again (after opening failed)"),
     ("screenshot", "Save screens&hot…", "Ctrl+Shift+S", "Save a PNG of this window"),
+    ("save_report", "Save &report…", "Ctrl+R",
+     "Save the current state for a lab notebook: PNG of the window, JSON of the metrics and "
+     "settings, and the correction (YAML), into a folder; nothing is overwritten"),
+    ("cycle_scale", "Section &scale: linear / log / gamma", "Ctrl+L",
+     "Cycle the colour scale of the sections and the profiles"),
+    ("toggle_slm_view", "SLM panel: SLM / correction &alone", "Ctrl+M",
+     "Switch the SLM panel between what the SLM shows (wrapped) and the correction alone"),
+    ("show_live", "&Live sections", "Ctrl+1", "Show the live sections and profiles"),
+    ("show_before_after", "&Before / after", "Ctrl+2",
+     "Show the first and the current state side by side"),
     ("quit", "&Quit", "Ctrl+Q", "Stop, close the devices and quit"),
+    ("shortcuts", "Keyboard &shortcuts", "F1", "List the keyboard shortcuts"),
 ]
+
+#: actions that only change the view (enabled whatever the worker does)
+VIEW_ACTIONS = {"screenshot", "quit", "clear_history", "cycle_scale", "toggle_slm_view",
+                "show_live", "show_before_after", "shortcuts"}
+
+#: what each actions's menu item and button calls (a method name of MainWindow, looked up when
+#: triggered)
+HANDLERS = {
+    "acquire": "acquire", "centre": "centre", "correct_once": "correct_once", "run": "auto_align",
+    "stop": "stop", "zero_slm": "zero_slm", "save_correction": "save_correction",
+    "load_correction": "load_correction", "self_check": "self_check",
+    "poke_calibration": "poke_calibration", "load_poke_calibration": "load_poke_calibration",
+    "collect": "start_collection", "reconnect": "reconnect", "new_aberration": "new_aberration",
+    "clear_history": "clear_history", "screenshot": "save_screenshot_dialog",
+    "save_report": "save_report", "cycle_scale": "cycle_scale",
+    "toggle_slm_view": "toggle_slm_view", "show_live": "show_live",
+    "show_before_after": "show_before_after", "quit": "close", "shortcuts": "show_shortcuts",
+}
 
 
 class MainWindow(QtWidgets.QMainWindow):
@@ -83,6 +113,12 @@ class MainWindow(QtWidgets.QMainWindow):
         self._iterations_done = 0
         self.measurements_seen = 0
         self.corrector = "model"                      # confirmed by the worker
+        self.reference = None                         # app.gui.reference.IdealReference
+        self.slm_state = "before correction"          # the name of the state on the SLM now
+        self.before_state: dict | None = None         # the first imaged state (before/after)
+        self.now_state: dict | None = None            # the latest imaged state
+        self.state_metrics: dict[str, Any] = {}       # metrics of the state in the status bar
+        self.diagnosis = ""
 
         self._build_views()
         self._build_controls()
@@ -108,6 +144,8 @@ class MainWindow(QtWidgets.QMainWindow):
         w.error.connect(self._on_worker_error)   # a bound slot: runs in the GUI thread
         w.finished.connect(self.on_finished)
         w.ready.connect(self.on_ready)
+        w.reference.connect(self.on_reference)
+        w.current_state.connect(self.on_current_state)
         self.thread.finished.connect(self.worker.deleteLater)
         self.thread.start()
         self.log.add("autoalign GUI started; settings: " + str(getattr(settings, "source", "?")))
@@ -116,12 +154,19 @@ class MainWindow(QtWidgets.QMainWindow):
     # ------------------------------------------------------------------ construction
     def _build_views(self) -> None:
         self.sections_view = OrthoSectionsView()
+        self.sections_view.changed.connect(self._refresh_before_after)
+        self.before_after = BeforeAfterView()
+        self.view_tabs = QtWidgets.QTabWidget()
+        self.view_tabs.addTab(self.sections_view, "Live sections")
+        self.view_tabs.addTab(self.before_after, "Before / after")
+        self.view_tabs.setDocumentMode(True)
         self.phase_view = PhaseView()
         # tip, tilt and defocus (centring) first, then the model's modes
         modes = [2, 3, 4] + list(getattr(self.settings.model, "modes", range(5, 16)))
         self.bars = ModeBarChart(modes)
-        self.history = HistoryPlots(horizontal=False)
+        self.history = HistoryPlots(horizontal=True)
         self.log = LogPanel()
+        self.log.setMinimumHeight(48)
 
     def _build_controls(self) -> None:
         s = self.settings
@@ -165,10 +210,11 @@ class MainWindow(QtWidgets.QMainWindow):
         v.addWidget(g)
 
         # correction file
-        g = QtWidgets.QGroupBox("Correction")
-        h = QtWidgets.QHBoxLayout(g)
-        h.addWidget(self._button("save_correction", "Save…"))
-        h.addWidget(self._button("load_correction", "Load…"))
+        g = QtWidgets.QGroupBox("Correction and report")
+        grid = QtWidgets.QGridLayout(g)
+        grid.addWidget(self._button("save_correction", "Save…"), 0, 0)
+        grid.addWidget(self._button("load_correction", "Load…"), 0, 1)
+        grid.addWidget(self._button("save_report", "Save report…"), 1, 0, 1, 2)
         v.addWidget(g)
 
         # calibration
@@ -181,18 +227,23 @@ class MainWindow(QtWidgets.QMainWindow):
         # bead walk
         g = QtWidgets.QGroupBox("Bead-walk collection")
         form = QtWidgets.QFormLayout(g)
-        self.collect_path = QtWidgets.QLineEdit(
-            str(Path.cwd() / f"beadwalk_{time.strftime('%Y%m%d')}.h5"))
-        self.collect_path.setToolTip("HDF5 file; an existing file is appended to")
+        # the file name alone (relative to the current directory, which the tooltip names), and
+        # a box wide enough to show it whole
+        self.collect_path = QtWidgets.QLineEdit(f"beadwalk_{time.strftime('%Y%m%d')}.h5")
+        self.collect_path.setToolTip(f"HDF5 file, relative to {Path.cwd()}; an existing file is "
+                                     "appended to")
+        fm = self.collect_path.fontMetrics()
+        self.collect_path.setMinimumWidth(fm.horizontalAdvance(self.collect_path.text() + "MM") + 12)
         browse = QtWidgets.QToolButton()
         browse.setText("…")
         browse.setToolTip("Choose the output file")
         browse.clicked.connect(self.choose_collect_path)
         self.collect_browse = browse
         row = QtWidgets.QHBoxLayout()
-        row.addWidget(self.collect_path)
+        row.addWidget(self.collect_path, 1)
         row.addWidget(browse)
-        form.addRow("File", row)
+        form.addRow(QtWidgets.QLabel("File (HDF5, appended to)"))
+        form.addRow(row)
         self.rounds_spin = QtWidgets.QSpinBox()
         self.rounds_spin.setRange(0, 100000)
         self.rounds_spin.setValue(20)
@@ -213,6 +264,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.collect_progress.setFormat("idle")
         form.addRow(self.collect_progress)
         v.addWidget(g)
+
         v.addStretch(1)
         self.controls = panel
 
@@ -226,25 +278,6 @@ class MainWindow(QtWidgets.QMainWindow):
 
     def _build_actions(self) -> None:
         self.actions: dict[str, QtWidgets.QAction] = {}
-        handlers = {
-            "acquire": self.acquire,
-            "centre": self.centre,
-            "correct_once": self.correct_once,
-            "run": self.auto_align,
-            "stop": self.stop,
-            "zero_slm": self.zero_slm,
-            "save_correction": self.save_correction,
-            "load_correction": self.load_correction,
-            "self_check": self.self_check,
-            "poke_calibration": self.poke_calibration,
-            "load_poke_calibration": self.load_poke_calibration,
-            "collect": self.start_collection,
-            "reconnect": self.reconnect,
-            "new_aberration": self.new_aberration,
-            "clear_history": self.clear_history,
-            "screenshot": self.save_screenshot_dialog,
-            "quit": self.close,
-        }
         for key, text, shortcut, tip in ACTIONS:
             a = QtWidgets.QAction(text, self)
             if shortcut:
@@ -252,7 +285,8 @@ class MainWindow(QtWidgets.QMainWindow):
                 a.setShortcutContext(QtCore.Qt.WindowShortcut)
             a.setToolTip(f"{tip} ({shortcut})" if shortcut else tip)
             a.setStatusTip(tip)
-            a.triggered.connect(lambda _checked=False, h=handlers[key]: h())
+            # looked up when triggered (not bound now), so the handler is always the current one
+            a.triggered.connect(lambda _checked=False, name=HANDLERS[key]: getattr(self, name)())
             self.addAction(a)
             self.actions[key] = a
             if key in self.buttons:
@@ -267,7 +301,8 @@ class MainWindow(QtWidgets.QMainWindow):
             "&Calibrate": ["self_check", "poke_calibration", "load_poke_calibration"],
             "C&ollect": ["collect"],
             "&Simulation": ["new_aberration"],
-            "&View": ["clear_history"],
+            "&View": ["show_live", "show_before_after", None, "cycle_scale", "toggle_slm_view",
+                      None, "clear_history", "save_report"],
         }
         for title, keys in menus.items():
             m = mb.addMenu(title)
@@ -276,9 +311,7 @@ class MainWindow(QtWidgets.QMainWindow):
                     m.addSeparator()
                 else:
                     m.addAction(self.actions[key])
-        helpm = mb.addMenu("&Help")
-        a = helpm.addAction("Keyboard &shortcuts")
-        a.triggered.connect(self.show_shortcuts)
+        mb.addMenu("&Help").addAction(self.actions["shortcuts"])
 
     def _build_status_bar(self) -> None:
         sb = self.statusBar()
@@ -288,14 +321,18 @@ class MainWindow(QtWidgets.QMainWindow):
         self.status_progress = QtWidgets.QProgressBar()
         self.status_progress.setMaximumWidth(160)
         self.status_progress.setVisible(False)
-        sb.addWidget(self.status_state, 1)
-        sb.addPermanentWidget(self.status_metrics)
+        # long texts are cut (full text in the tooltip), never widen the window
+        for label in (self.status_state, self.status_metrics):
+            label.setMinimumWidth(40)
+            label.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        sb.addWidget(self.status_state, 2)
+        sb.addPermanentWidget(self.status_metrics, 3)
         sb.addPermanentWidget(self.status_progress)
         sb.addPermanentWidget(self.status_backend)
 
     def _layout(self) -> None:
         top = QtWidgets.QSplitter(QtCore.Qt.Horizontal)
-        top.addWidget(self.sections_view)
+        top.addWidget(self.view_tabs)
         top.addWidget(self.phase_view)
         top.setStretchFactor(0, 3)
         top.setStretchFactor(1, 1)
@@ -303,19 +340,21 @@ class MainWindow(QtWidgets.QMainWindow):
         middle = QtWidgets.QSplitter(QtCore.Qt.Horizontal)
         middle.addWidget(self.bars)
         middle.addWidget(self.history)
-        middle.setStretchFactor(0, 3)
-        middle.setStretchFactor(1, 2)
+        middle.setStretchFactor(0, 2)
+        middle.setStretchFactor(1, 3)
 
         views = QtWidgets.QSplitter(QtCore.Qt.Vertical)
         views.addWidget(top)
         views.addWidget(middle)
         views.addWidget(self.log)
-        views.setStretchFactor(0, 4)
-        views.setStretchFactor(1, 5)
-        views.setStretchFactor(2, 2)
-        views.setSizes([300, 380, 130])
-        top.setSizes([780, 260])
-        middle.setSizes([600, 440])
+        views.setStretchFactor(0, 5)
+        views.setStretchFactor(1, 4)
+        views.setStretchFactor(2, 1)
+        for splitter in (top, middle, views):
+            splitter.setChildrenCollapsible(False)
+        views.setSizes([420, 300, 60])
+        top.setSizes([800, 260])
+        middle.setSizes([420, 640])
 
         scroll = QtWidgets.QScrollArea()
         scroll.setWidget(self.controls)
@@ -329,7 +368,19 @@ class MainWindow(QtWidgets.QMainWindow):
         central.setStretchFactor(0, 1)
         central.setStretchFactor(1, 0)
         self.setCentralWidget(central)
-        self.resize(1400, 900)
+        self.resize(self.default_size())
+
+    def default_size(self) -> QtCore.QSize:
+        """1400 x 900 (device-independent pixels), at most the screen's available area, larger on
+        a large screen (a 4K screen without scaling: three quarters of it)."""
+        screen = self.screen() if hasattr(self, "screen") else None
+        screen = screen or QtWidgets.QApplication.primaryScreen()
+        if screen is None:
+            return QtCore.QSize(1400, 900)
+        avail = screen.availableGeometry()
+        w = min(avail.width(), max(1400, int(0.75 * avail.width())))
+        h = min(avail.height(), max(900, int(0.8 * avail.height())))
+        return QtCore.QSize(w, h)
 
     # ------------------------------------------------------------------ state
     @property
@@ -353,8 +404,10 @@ class MainWindow(QtWidgets.QMainWindow):
         for key, a in self.actions.items():
             if key == "stop":
                 a.setEnabled(self.is_busy and not self._shut_down)
-            elif key in ("screenshot", "quit", "clear_history"):
+            elif key in VIEW_ACTIONS:
                 a.setEnabled(True)
+            elif key == "save_report":
+                a.setEnabled(not self.is_busy and not self._shut_down)
             elif key == "new_aberration":
                 a.setEnabled(enabled and bool((self.ready_info or {}).get("simulated")))
             elif key == "reconnect":
@@ -399,7 +452,22 @@ class MainWindow(QtWidgets.QMainWindow):
         return self._send("new_aberration", rms_rad=rms_rad, seed=seed)
 
     def clear_history(self) -> None:
+        """Clear the history plots; the next imaged state becomes the 'before' state."""
         self.history.clear()
+        self.before_state = None
+        self._refresh_before_after()
+
+    def cycle_scale(self) -> None:
+        self.sections_view.cycle_scale()
+
+    def toggle_slm_view(self) -> None:
+        self.phase_view.toggle_mode()
+
+    def show_live(self) -> None:
+        self.view_tabs.setCurrentWidget(self.sections_view)
+
+    def show_before_after(self) -> None:
+        self.view_tabs.setCurrentWidget(self.before_after)
 
     def acquire(self) -> bool:
         return self._send("acquire")
@@ -526,10 +594,67 @@ class MainWindow(QtWidgets.QMainWindow):
             self.save_screenshot(path)
 
     def show_shortcuts(self) -> None:
-        rows = "".join(f"<tr><td><b>{QtGui.QKeySequence(sc).toString()}</b></td>"
-                       f"<td>{text.replace('&', '')}</td></tr>" for _, text, sc, _ in ACTIONS if sc)
+        """Help → Keyboard shortcuts: every bound shortcut, read from the actions themselves."""
+        rows = "".join(
+            f"<tr><td><b>{a.shortcut().toString(QtGui.QKeySequence.NativeText)}</b></td>"
+            f"<td nowrap>{a.text().replace('&', '')}</td></tr>"
+            for a in self.actions.values() if not a.shortcut().isEmpty())
         self._message(QtWidgets.QMessageBox.Information, "Keyboard shortcuts",
                       f"<table cellspacing=6>{rows}</table>")
+        self.message_boxes[-1].setStyleSheet(   # one line a row
+            "QLabel#qt_msgbox_label { min-width: 24em; }")
+
+    # ------------------------------------------------------------------ report
+    def report_summary(self) -> dict[str, Any]:
+        """What the report's JSON holds: the state on the SLM now, its metrics, the first state,
+        the history, the ideal floor, the correction and a summary of the settings."""
+        from autoalign.app.gui.report import settings_summary
+
+        corr = self.last_state.get("correction")
+        hist = self.history
+        ks = sorted(hist.true_residual)
+        return {
+            "state": self.slm_state,
+            "metrics": _plain(self.state_metrics),
+            "null_depth_floor": None if self.reference is None else
+            float(self.reference.null_depth_floor),
+            "diagnosis": self.diagnosis,
+            "before": _state_record(self.before_state),
+            "now": _state_record(self.now_state),
+            "history": {
+                "null_depth": [_plain(p) for p in hist.points()],
+                "predicted_residual_rms": [
+                    {"x": x, "value": _plain(v)} for x, v in
+                    zip(hist.data["iteration"], hist.data["predicted_residual_rms"])],
+                "true_residual_rms": [{"x": k, "value": hist.true_residual[k]} for k in ks],
+            },
+            "correction": None if corr is None else corr.to_dict(),
+            "corrector": self.corrector,
+            "devices": _plain(self.ready_info or {}),
+            "settings": settings_summary(self.settings),
+        }
+
+    def save_report(self, folder: str | Path | None = None) -> dict[str, Path] | None:
+        """Write ``<stem>.png`` (the window), ``<stem>.json`` (:meth:`report_summary`) and
+        ``<stem>_correction.yaml`` into ``folder`` (asked for when ``None``); an existing file is
+        never overwritten (a numbered stem instead). Returns the paths, or ``None``."""
+        from autoalign.app.gui.report import write_report
+
+        if folder is None:
+            folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Save report into folder",
+                                                                str(Path.cwd()))
+            if not folder:
+                return None
+        try:
+            paths = write_report(folder, self.grab().toImage(), self.report_summary(),
+                                 self.last_state.get("correction"))
+        except Exception as exc:  # noqa: BLE001 - reported, the window lives on
+            self.on_error("save_report", f"{type(exc).__name__}: {exc}")
+            return None
+        self.log.add("Report saved: " + ", ".join(str(p) for p in paths.values()))
+        self._status(f"Report saved ({self.slm_state}) to {Path(folder)}")
+        self.results["save_report"] = paths
+        return paths
 
     def _status(self, text: str, limit: int = 56) -> None:
         """The left status-bar text, shortened to leave room for the metrics; full in the tooltip."""
@@ -565,40 +690,136 @@ class MainWindow(QtWidgets.QMainWindow):
         if centre is not None:  # the loop re-centres the sections on the rounded bead centre
             z0, y0, x0 = (min(max(round(v), 0), n - 1) - n // 2 for v in centre)
             shift = (float(x0), float(y0), float(z0))
-        self.sections_view.set_measurement(sections, pixel, zstep, centroid, shift)
-        if not getattr(m, "valid", True):
-            self._status(f"Invalid stack: {getattr(m, 'reason', '?')}")
+        background = float(getattr(m, "background_photons", 0.0) or 0.0)
+        self.sections_view.set_measurement(sections, pixel, zstep, centroid, shift, background)
+        valid = bool(getattr(m, "valid", True))
+        null = float("nan")
+        if valid:
+            try:
+                from autoalign.app.gui.reference import null_metric
+
+                null = float(null_metric()(sections, background))
+            except Exception:  # noqa: BLE001 - a caption, never a failure
+                null = float("nan")
+        # the stack shows the state on the SLM when it was taken (named now; a best-restore or a
+        # zero renames it when the worker says so)
+        self.now_state = {"sections": np.array(sections, dtype=float, copy=True),
+                          "state": self.slm_state, "null_depth": null, "valid": valid,
+                          "timestamp": float(getattr(m, "timestamp", 0.0) or time.time())}
+        if self.before_state is None and valid:
+            self.before_state = dict(self.now_state)
+        self._refresh_before_after()
+        if not valid:
+            self._status(f"Invalid stack ({self.slm_state}): {getattr(m, 'reason', '?')}")
+
+    def state_name(self, iterations: int) -> str:
+        """The name of the state after ``iterations`` iterations (counted since the window
+        opened; refused iterations count, and change nothing on the SLM)."""
+        return "before correction" if iterations <= 0 else f"after iteration {iterations}"
+
+    def _state_text(self, state: str, metrics: dict, now: bool = False) -> str:
+        """One line naming ONE state and only its metrics: 'after iteration 3: null 0.08 %, …'."""
+        bits = []
+        nd = metrics.get("null_depth")
+        if nd is not None and np.isfinite(nd):
+            bits.append(f"null {100 * nd:.3g} %")
+        pred = metrics.get("predicted_residual_rms")
+        if pred is not None and np.isfinite(pred):
+            bits.append(f"predicted residual {pred:.3f} rad")
+        true = metrics.get("true_residual_rms")
+        if true is not None and np.isfinite(true):
+            bits.append(f"true residual {true:.3f} rad")
+        return f"{state}{' (on the SLM now)' if now else ''}: " + (", ".join(bits) or "no metrics")
 
     @QtCore.pyqtSlot(object)
     def on_iteration(self, r: Any) -> None:
         self._iterations_done += 1
         metrics = dict(getattr(r, "metrics", {}) or {})
-        self.history.add(metrics)
+        k = len(self.history.data["iteration"])
+        state = self.slm_state          # what was on the SLM when this record's stack was taken
+        self.history.add(metrics, label=state)
         corr = getattr(getattr(r, "correction", None), "coefficients", None)
-        self.bars.set_values(correction=corr, prediction=getattr(r, "prediction", None))
-        # the loop logs the decision itself; add the metrics
-        parts = [f"iteration {getattr(r, 'iteration', self._iterations_done)} metrics"]
-        for key, label in (("null_depth", "null depth"), ("predicted_residual_rms", "pred. RMS"),
-                           ("true_residual_rms", "true RMS"), ("photons", "photons")):
-            v = metrics.get(key)
-            if v is not None and np.isfinite(v):
-                parts.append(f"{label} {v:.3g}")
-        self.log.add(parts[0] + ": " + ", ".join(parts[1:]))
-        self._show_metrics(metrics)
+        self.bars.set_values(correction=corr, prediction=getattr(r, "prediction", None) or {})
+        # the stack of this record saw the state BEFORE its correction: its metrics only
+        applied = str(getattr(r, "decision", "")).startswith("applied")
+        true_seen = metrics.get("true_residual_rms_measured")
+        if true_seen is None and not applied:   # nothing applied: the one value is this state's
+            true_seen = metrics.get("true_residual_rms")
+        seen = {"null_depth": metrics.get("null_depth"),
+                "predicted_residual_rms": metrics.get("predicted_residual_rms"),
+                "true_residual_rms": true_seen}
+        photons = metrics.get("photons")
+        line = self._state_text(state, seen)
+        if photons is not None and np.isfinite(photons):
+            line += f", {photons:.3g} photons"
+        self.log.add(line)
+        self._show_state(state, seen)
+        if applied:
+            self.slm_state = self.state_name(self._iterations_done)
+            if self.now_state is not None:
+                self.now_state["state"] = state
 
-    def _show_metrics(self, metrics: dict) -> None:
-        bits = [f"it {len(self.history.data['iteration'])}"]
-        if metrics.get("null_depth") is not None and np.isfinite(metrics["null_depth"]):
-            bits.append(f"null {100 * metrics['null_depth']:.2f} %")
-        pred = metrics.get("predicted_residual_rms")
-        if pred is not None and np.isfinite(pred):
-            bits.append(f"pred. {pred:.3f} rad")
-        true = self.last_state.get("true_residual_rms", metrics.get("true_residual_rms"))
-        if true is not None:
-            bits.append(f"true residual {true:.3f} rad")
-        self.status_metrics.setText(" · ".join(bits) + "  |")
-        self.status_metrics.setToolTip("iterations · null depth · predicted residual RMS · true "
-                                       "residual RMS (simulated microscope)")
+    @QtCore.pyqtSlot(object)
+    def on_current_state(self, info: dict) -> None:
+        """The worker imaged the state on the SLM now (after a run, a best-restore, a single
+        correction, a zero or a load): the last history point, the bars and the 'now' snapshot."""
+        info = dict(info or {})
+        event = str(info.get("event", ""))
+        k = self._iterations_done
+        names = {"restored": f"best correction restored (after {k} iteration(s))",
+                 "zero_slm": "SLM zeroed (mask only)", "load_correction": "correction loaded"}
+        self.slm_state = names.get(event, self.slm_state)
+        metrics = dict(info.get("metrics") or {})
+        self.history.set_current(metrics, self.slm_state)
+        corr = info.get("correction")
+        if corr is not None:
+            self.bars.set_values(correction=corr.coefficients,
+                                 prediction={} if event in names else None)
+            self.phase_view.set_correction(corr)
+        if self.now_state is not None:
+            self.now_state["state"] = self.slm_state
+            self.now_state["metrics"] = metrics
+        self._refresh_before_after()
+        self.log.add(self._state_text(self.slm_state, metrics, now=True))
+        self._show_state(self.slm_state, metrics)
+
+    def _show_state(self, state: str, metrics: dict) -> None:
+        """The status bar's metrics: one state, named, with its own metrics only."""
+        self.state_metrics = {"state": state, **{k: v for k, v in metrics.items()
+                                                 if v is not None}}
+        text = self._state_text(state, metrics)
+        short = text.replace("predicted residual", "pred.").replace("true residual", "true")
+        if self.reference is not None:
+            short += f" (floor {100 * self.reference.null_depth_floor:.2g} %)"
+        self.status_metrics.setText(short + "  |")
+        self.status_metrics.setToolTip(text)
+
+    @QtCore.pyqtSlot(object)
+    def on_reference(self, reference: Any) -> None:
+        """The ideal donut through the bead: profiles' overlay and the null floor line."""
+        self.reference = reference
+        self.sections_view.set_reference(reference)
+        self.history.set_floor(reference.null_depth_floor, reference.bead_diameter_um,
+                               getattr(reference, "null_depth_scatter", None))
+
+    def _refresh_before_after(self) -> None:
+        def state(s: dict | None, which: str) -> dict | None:
+            if s is None:
+                return None
+            nd = s.get("null_depth")
+            caption = f"{which}: {s.get('state', '?')}"
+            if nd is not None and np.isfinite(nd):
+                caption += f" · null {100 * nd:.3g} %"
+            true = (s.get("metrics") or {}).get("true_residual_rms")
+            if true is not None and np.isfinite(true):
+                caption += f" · true residual {true:.3f} rad"
+            return {"sections": s["sections"], "caption": caption}
+
+        sv = self.sections_view
+        levels = None if sv.auto_check.isChecked() else sv.levels
+        self.before_after.set_states(state(self.before_state, "before"),
+                                     state(self.now_state, "now"), sv.scale,
+                                     float(sv.gamma_spin.value()), levels)
 
     @QtCore.pyqtSlot(int, int)
     def on_progress(self, done: int, total: int) -> None:
@@ -619,11 +840,10 @@ class MainWindow(QtWidgets.QMainWindow):
         corr = self.last_state.get("correction")
         if corr is not None and getattr(corr, "coefficients", None) is not None:
             self.bars.set_values(correction=corr.coefficients)
+            self.phase_view.set_correction(corr)
         true = self.last_state.get("true_residual_rms")
-        if true is not None and self.history.data["iteration"]:
-            self._show_metrics({k: v[-1] for k, v in self.history.data.items()})
-        elif true is not None:
-            self.status_metrics.setText(f"true residual {true:.3f} rad  |")
+        if true is not None and not self.state_metrics:
+            self._show_state(self.slm_state, {"true_residual_rms": true})
 
     @QtCore.pyqtSlot(str, object)
     def on_finished(self, task: str, result: Any) -> None:
@@ -642,15 +862,46 @@ class MainWindow(QtWidgets.QMainWindow):
             self.corrector = str(result)
         elif task == "zero_slm":
             self.bars.set_values(correction={}, prediction={})
+        elif task in ("acquire", "centre") and result is not None and self.now_state is not None:
+            seen = {"null_depth": self.now_state.get("null_depth")}
+            self.log.add(self._state_text(self.now_state.get("state", self.slm_state), seen))
+            self._show_state(self.now_state.get("state", self.slm_state), seen)
         text = f"{TASK_TITLES.get(task, task)}: done"
+        if task == "run" and isinstance(result, dict):
+            self.set_diagnosis(result)
         if task == "run" and isinstance(result, dict) and result.get("stop_reason"):
-            text = f"Auto-align: {result['stop_reason']}"
+            text = f"Auto-align: {str(result['stop_reason']).split(' (')[0]}"
         elif task == "collect" and isinstance(result, dict) and result.get("stop_reason"):
             text = f"Bead walk: {result['stop_reason']}"
         elif result is None and task not in ("zero_slm", "save_correction"):
             text = f"{TASK_TITLES.get(task, task)}: stopped"
         self._status(text)
         self.task_finished.emit(task, result)
+
+    def set_diagnosis(self, result: dict | str) -> None:
+        """The text slot under the null plot: why the run stopped and what limits the null (the
+        run's ``diagnosis`` text when the loop gives one), and where the null is against the bead
+        floor."""
+        if isinstance(result, str):
+            parts = [result]
+        else:
+            parts = [str(result.get(k) or "") for k in ("diagnosis", "stop_reason")]
+            if parts[1]:
+                parts[1] = "stopped: " + parts[1]
+        nd = self.state_metrics.get("null_depth")
+        if (self.reference is not None and nd is not None and np.isfinite(nd)
+                and self.reference.null_depth_floor > 0):
+            ratio = nd / self.reference.null_depth_floor
+            scatter = getattr(self.reference, "null_depth_scatter", float("nan"))
+            where = ""
+            if np.isfinite(scatter) and scatter > 0:
+                where = (" (at the floor within the noise)" if nd < self.reference.null_depth_floor
+                         + 2 * scatter else " (above the floor: an aberration or the mask limits "
+                         "it)")
+            parts.append(f"null {100 * nd:.3g} % = {ratio:.2g} × the bead floor "
+                         f"{100 * self.reference.null_depth_floor:.2g} %{where}")
+        self.diagnosis = "; ".join(p for p in parts if p)
+        self.history.set_diagnosis(self.diagnosis)
 
     @QtCore.pyqtSlot(str, str)
     def _on_worker_error(self, task: str, message: str) -> None:
@@ -707,3 +958,28 @@ class MainWindow(QtWidgets.QMainWindow):
         for box in list(self.message_boxes):
             box.close()
         event.accept()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy numbers to floats, NaN/inf to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return str(value)
+
+
+def _state_record(state: dict | None) -> dict | None:
+    """A before/now state for the report (without its sections)."""
+    if state is None:
+        return None
+    return _plain({"state": state.get("state"), "null_depth": state.get("null_depth"),
+                   "metrics": state.get("metrics") or {},
+                   "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                             time.gmtime(state.get("timestamp") or 0))})

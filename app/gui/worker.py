@@ -89,6 +89,8 @@ class AlignWorker(QtCore.QObject):
     error = QtCore.pyqtSignal(str, str)          # task, message (already in the log)
     finished = QtCore.pyqtSignal(str, object)    # task, result (task-specific, may be None)
     ready = QtCore.pyqtSignal(object)            # dict describing the devices and the model
+    reference = QtCore.pyqtSignal(object)        # app.gui.reference.IdealReference
+    current_state = QtCore.pyqtSignal(object)    # dict: the state on the SLM now, imaged
     closed = QtCore.pyqtSignal()
 
     def __init__(
@@ -249,13 +251,42 @@ class AlignWorker(QtCore.QObject):
         with self._lock:
             self.loop = loop
         self.ready.emit(info)
-        try:  # show what the SLM shows now
-            phase = self.devices.slm.phase_rad
+        self._show_start_mask()
+        self._emit_reference()
+        return info
+
+    def _show_start_mask(self) -> None:
+        """Start on the beam's mask (the vortex) plus the loop's correction, never a flat SLM."""
+        try:
+            self.loop.apply(self.loop.correction)   # checked; emits the phase it shows
+            self.log.emit(f"SLM: {self.settings.optics.beam} mask + correction shown")
+        except Exception as exc:  # noqa: BLE001 - report and show what the SLM holds
+            self.log.emit(f"WARNING: could not show the mask on the SLM: {exc}")
+            phase = getattr(self.devices.slm, "phase_rad", None)
             if phase is not None:
                 self.slm_phase.emit(np.array(phase, dtype=np.float32, copy=True))
-        except Exception:  # noqa: BLE001
-            pass
-        return info
+
+    def _emit_reference(self) -> None:
+        """The ideal donut through the bead (profiles' overlay and the null floor)."""
+        try:
+            from autoalign.app.gui.reference import ideal_reference
+
+            self.reference.emit(ideal_reference(self.settings))
+        except Exception as exc:  # noqa: BLE001 - the window works without it
+            self.log.emit(f"WARNING: no ideal donut for comparison: {exc}")
+
+    def _image_current_state(self, event: str) -> None:
+        """Acquire once more so the window shows the state on the SLM now (after a run, a
+        best-restore, a single correction, a zero or a load). A failure is only reported."""
+        try:
+            m = self.loop.acquire()
+            metrics = dict(self.loop.metrics(m))
+            self.current_state.emit({"event": event, "metrics": metrics,
+                                     "correction": self.loop.correction.copy(),
+                                     "valid": bool(getattr(m, "valid", True)),
+                                     "timestamp": time.time()})
+        except Exception as exc:  # noqa: BLE001
+            self.log.emit(f"WARNING: the state on the SLM now could not be imaged: {exc}")
 
     def do_acquire(self) -> Any:
         m = self.loop.acquire()
@@ -281,7 +312,9 @@ class AlignWorker(QtCore.QObject):
         )
 
     def do_correct_once(self, gain: float | None = None) -> Any:
-        return self.loop.correct_once(gain=gain)
+        record = self.loop.correct_once(gain=gain)
+        self._image_current_state("correct_once")
+        return record
 
     def do_run(self, iterations: int | None = None, gain: float | None = None) -> Any:
         before = self._true_residual()
@@ -289,12 +322,16 @@ class AlignWorker(QtCore.QObject):
         after = self._true_residual()
         reason = str(getattr(self.loop, "stop_reason", "") or "")
         if before is not None and after is not None:
-            self.log.emit(f"True residual (simulated microscope): {before:.3f} -> {after:.3f} rad RMS")
+            self.log.emit(f"True residual (simulated microscope): {before:.3f} rad RMS before this "
+                          f"run, {after:.3f} rad RMS after it")
         error = getattr(self.loop, "last_error", None)
         if error is not None:  # the loop stopped cleanly on a device failure: surface it
             raise RuntimeError(f"{reason or error} (after {len(records or [])} iteration(s))")
+        if reason != "stopped by request":
+            self._image_current_state("restored" if "restored" in reason else "run")
         return {"records": len(records or []), "true_before": before, "true_after": after,
-                "stop_reason": reason}
+                "stop_reason": reason,
+                "diagnosis": str(getattr(self.loop, "diagnosis", "") or "")}
 
     def _true_residual(self) -> float | None:
         try:
@@ -328,6 +365,7 @@ class AlignWorker(QtCore.QObject):
 
     def do_zero_slm(self) -> None:
         self.loop.zero_slm()
+        self._image_current_state("zero_slm")
 
     def do_save_correction(self, path: str) -> str:
         self.loop.correction.save_yaml(path)
@@ -340,6 +378,7 @@ class AlignWorker(QtCore.QObject):
         correction = Correction.load_yaml(path)
         self.loop.apply(correction)
         self.log.emit(f"Correction loaded from {path} and applied")
+        self._image_current_state("load_correction")
         return correction
 
     def do_self_check(self, modes: list[int] | None = None,
