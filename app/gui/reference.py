@@ -26,10 +26,8 @@ def null_metric() -> Callable[..., float]:
     """The null-depth metric of the loop: ``null_depth(sections, background) -> centre / peak``.
 
     One place imports it, so a move of the function changes one line here."""
-    try:
-        from autoalign.calibration.metrics import null_depth  # where it is moving
-    except ImportError:
-        from autoalign.app.loop import null_depth
+    from autoalign.calibration.metrics import null_depth
+
     return null_depth
 
 

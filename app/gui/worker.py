@@ -248,12 +248,26 @@ class AlignWorker(QtCore.QObject):
         if self.initial_corrector != "model":
             loop.estimator = make_estimator(self.initial_corrector, s, self.predictor)
         info["corrector"] = getattr(loop, "corrector", "model")
+        self._use_saved_calibration(loop, s)
         with self._lock:
             self.loop = loop
         self.ready.emit(info)
         self._show_start_mask()
         self._emit_reference()
         return info
+
+    def _use_saved_calibration(self, loop: Any, settings: Any) -> None:
+        """Use the poke calibration saved for these optics, as ``align`` does (one log line)."""
+        from autoalign.calibration.poke import load_matching_calibration
+
+        try:
+            cal, message = load_matching_calibration(settings)
+        except Exception as exc:  # noqa: BLE001 - a broken calibration file: optics formulas, said so
+            cal, message = None, f"WARNING: saved poke calibration not used ({exc}); using the optics formulas"
+        if cal is not None:
+            loop.calibration = cal
+        if message:
+            self.log.emit(message)
 
     def _show_start_mask(self) -> None:
         """Start on the beam's mask (the vortex) plus the loop's correction, never a flat SLM."""
@@ -368,14 +382,14 @@ class AlignWorker(QtCore.QObject):
         self._image_current_state("zero_slm")
 
     def do_save_correction(self, path: str) -> str:
-        self.loop.correction.save_yaml(path)
+        self.loop.correction.save_yaml(path, settings=self.settings)
         self.log.emit(f"Correction saved to {path}")
         return path
 
     def do_load_correction(self, path: str) -> Any:
         from autoalign.correction import Correction
 
-        correction = Correction.load_yaml(path)
+        correction = Correction.load_yaml(path, settings=self.settings)  # refuses other optics
         self.loop.apply(correction)
         self.log.emit(f"Correction loaded from {path} and applied")
         self._image_current_state("load_correction")
