@@ -164,8 +164,8 @@ def diagnose(response: np.ndarray, modes: list[int], min_gain: float = 0.4,
     scores = {}
     for name in CANDIDATES:
         t = expected_response(modes, name)
-        scale = max(float(np.sum(r * t) / max(np.sum(t * t), 1e-12)), 0.0)
-        scores[name] = float(np.linalg.norm(r - scale * t) / max(np.linalg.norm(t), 1e-9))
+        scale = max(float(np.sum(r * t) / max(float(np.sum(t * t)), 1e-12)), 0.0)
+        scores[name] = float(np.linalg.norm(r - scale * t) / max(float(np.linalg.norm(t)), 1e-9))
     # on a tie (modes that a flip leaves unchanged) the identity wins: nothing contradicts it
     best = min(scores, key=lambda k: (round(scores[k], 9), k != "identity"))
     t_best = expected_response(modes, best)
