@@ -41,6 +41,8 @@ for required in ("autoalign/settings.yaml", "autoalign/models/weights/default.pt
                  "autoalign/app/cli.py", "autoalign/app/commands/align.py", "autoalign/app/gui/__init__.py"):
     if required not in names:
         problems.append(f"missing file {required}")
+if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+    problems.append("no LICENSE in the wheel's metadata")
 top = {n.split("/")[0] for n in names}
 extra = sorted(t for t in top if t != "autoalign" and not t.startswith("autoalign-"))
 if extra:
