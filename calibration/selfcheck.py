@@ -6,20 +6,41 @@ predicts the aberration present in both stacks and the read-back response matrix
     R[i, j] = (pred_i(+a Z_j) - pred_i(-a Z_j)) / (2 a)
 
 should be the identity (the model reports the aberration present, and adding ``+a Z_j`` on the SLM
-adds ``+a Z_j`` of aberration). A mirrored camera, swapped x/y axes, a reversed z-stack or the wrong
-vortex handedness each flip or swap modes silently; they show as negative or off-diagonal
-read-backs. The report names the convention error whose expected response matrix best matches
-(``diagnosis``, a hint: pass/fail comes from the read-backs themselves):
+adds ``+a Z_j`` of aberration). A mirrored camera, swapped x/y axes, a rotated camera, a reversed
+z-stack or the wrong vortex handedness each flip or swap modes silently; they show as negative or
+off-diagonal read-backs. The report names the convention error whose expected response matrix
+best matches (``diagnosis``, a hint: pass/fail comes from the read-backs themselves).
 
-* image mirrored in x / y or x-y swapped: the patterns of the equivalent pupil transforms for the
-  donut (see ``_transform_matrix``; measured on the simulator, not those of a plain Gaussian focus)
-* z-stack reversed     <-> the conjugate beam (see ``_transform_matrix``): spherical flips sign.
-* wrong vortex handedness: the donut's null fills and read-backs collapse (no clean pattern);
-  reported from a low mean gain and the null depth.
+Expected response matrices (:func:`expected_response`), from symmetry
+-----------------------------------------------------------------------
+``W`` is the pupil phase, ``I[+, W]`` the stack of the donut the model was trained on (vortex
+charge and circular handedness of the settings), ``I[-, W]`` that of the opposite-handed donut.
+Pupil coordinates follow the image: ``u`` along x, ``v`` along y (``Z_2 = 2 rho cos`` moves the
+focus along +x).
+
+* Pupil transforms act on Zernike modes through :func:`flip_signature`, computed from the Zernike
+  functions themselves: ``S[i, j] = <Z_i, Z_j o G>`` over the unit disk (+-1 on the diagonal for
+  mirrors and the rotation; the swap also exchanges odd-``m`` partners such as the trefoils).
+* The image rotated by 180 degrees (mirrored in x AND in y) is EXACTLY the image of the pupil
+  rotated by 180 degrees: ``I[+, W](-x, -y, z) = I[+, W o R180](x, y, z)``. Its pattern is
+  ``S(R180)``: odd ``m`` flips. It is reported as "mirrored x and mirrored y".
+* A mirror (x, y, or the x/y swap, determinant -1) turns the vortex and the circular polarisation
+  the other way: ``I[+, W](G r) = I[-, W o G](r)`` exactly. What the model reads from the
+  opposite-handed donut is the one ingredient symmetry does not give: the handedness factor
+  ``epsilon(m)`` (:data:`HANDEDNESS_FACTOR`): the same sign for rotationally symmetric modes
+  (``m = 0``), the opposite sign for ``|m| >= 2``, and no clean reading of coma (``|m| = 1``,
+  read largely as trefoil; expected 0). ``tests/test_calibration.py`` checks it on the
+  simulator with the opposite vortex charge. Pattern: ``diag(epsilon) S(G)``.
+* A reversed z-stack: time reversal (complex conjugation) gives exactly
+  ``I[+, W](x, y, -z) = I[-, -W](-x, -y, z)``, so its pattern is ``-diag(epsilon) S(R180)``:
+  spherical and trefoil flip, astigmatism keeps its sign.
+* Wrong vortex handedness on the SLM: the donut's null fills and read-backs collapse (no clean
+  pattern); reported from a low mean gain and the null depth.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,35 +52,62 @@ from autoalign.simulation.zernike import mode_name, noll_to_nm, zernike
 
 log = logging.getLogger("autoalign.calibration")
 
+#: pupil transforms (u, v) -> G(u, v), with u along the image's x and v along its y
+PUPIL_TRANSFORMS = {
+    "identity": lambda u, v: (u, v),
+    "mirrored x": lambda u, v: (-u, v),
+    "mirrored y": lambda u, v: (u, -v),
+    "mirrored x and mirrored y": lambda u, v: (-u, -v),  # the 180-degree rotation
+    "swapped x/y": lambda u, v: (v, u),
+}
 
-def _transform_matrix(modes: list[int], mapping: str) -> np.ndarray:
-    """T[i, j] = <Z_i, Z_j o transform> over the unit disk, for the named pupil transform."""
-    if mapping == "reversed z":
-        # Exact for intensity: I(x, y, -z; W) = I(-x, -y, z; -W) of the CONJUGATE beam (opposite
-        # vortex charge and circular handedness), so for the donut there is no clean linear map.
-        # Measured on the simulator: the rotationally symmetric modes (m = 0: spherical) flip,
-        # the others, read mostly from the in-focus ring, keep their sign. Used as the nearest
-        # pattern only.
-        return np.diag([-1.0 if noll_to_nm(j)[1] == 0 else 1.0 for j in modes])
-    n = 128
-    c = -1 + (np.arange(n) + 0.5) * 2 / n
-    u, v = np.meshgrid(c, c, indexing="xy")
-    inside = np.hypot(u, v) <= 1
-    # Image flip -> equivalent pupil transform FOR THE DONUT. A mirrored image of a charge-1,
-    # circular-plus donut is the image of the opposite-handed donut, which the model reads through
-    # the in-focus interference of the m = +-1 components: measured on the simulator, an image
-    # mirrored in x reads like the pupil swapped (u, v) -> (v, u), and swapped image axes read like
-    # the pupil mirrored u -> -u (astigmatism Z5/Z6 exchange their sign flips).
-    uu, vv = {"identity": (u, v), "mirrored x": (v, u), "mirrored y": (-v, -u),
-              "swapped x/y": (-u, v)}[mapping]
-    rho0, th0 = np.hypot(u, v), np.arctan2(v, u)
-    rho1, th1 = np.hypot(uu, vv), np.arctan2(vv, uu)
-    zi = np.stack([zernike(j, rho0, th0)[inside] for j in modes])
-    zt = np.stack([zernike(j, rho1, th1)[inside] for j in modes])
-    return zi @ zt.T / inside.sum()
+#: epsilon(|m|): sign with which a model of the configured donut reads mode Z_n^m from the
+#: opposite-handed donut (see the module docstring); 0 where it does not read it cleanly (coma).
+HANDEDNESS_FACTOR = {0: 1.0, 1: 0.0}   # every other |m|: -1
 
 
-CANDIDATES = ("identity", "mirrored x", "mirrored y", "swapped x/y", "reversed z")
+def handedness_factor(noll: int) -> float:
+    """``epsilon(m)`` of Noll mode ``noll``: +1 for m = 0, 0 for |m| = 1, -1 otherwise."""
+    return HANDEDNESS_FACTOR.get(abs(noll_to_nm(noll)[1]), -1.0)
+
+
+def flip_signature(modes: Sequence[int], transform: str, radial_nodes: int = 32,
+                   angles: int = 96) -> np.ndarray:
+    """``S[i, j] = <Z_i, Z_j o G>`` (mean over the unit disk) for the pupil transform ``G`` named
+    ``transform`` (a key of :data:`PUPIL_TRANSFORMS`), computed from the Zernike functions.
+
+    Polar quadrature: Gauss-Legendre in ``rho^2`` and equally spaced angles, exact for Zernike
+    products up to radial order ``2 radial_nodes - 1`` and azimuthal order ``angles - 1``. For
+    the mirrors and the rotation ``S`` is diagonal, +1 where the mode is symmetric and -1 where
+    it changes sign; the swap also exchanges the cosine and sine partners of odd ``m``."""
+    if transform not in PUPIL_TRANSFORMS:
+        raise ValueError(f"unknown pupil transform {transform!r}; expected one of {sorted(PUPIL_TRANSFORMS)}")
+    x, w = np.polynomial.legendre.leggauss(radial_nodes)
+    rho = np.sqrt((x + 1) / 2)                           # nodes in rho^2 on [0, 1]: area element
+    theta = (np.arange(angles) + 0.5) * 2 * np.pi / angles
+    rr, tt = np.meshgrid(rho, theta, indexing="ij")
+    weight = np.repeat(w / 2, angles) / angles           # sums to 1: the mean over the disk
+    u, v = (rr * np.cos(tt)).ravel(), (rr * np.sin(tt)).ravel()
+    gu, gv = PUPIL_TRANSFORMS[transform](u, v)
+    z0 = np.stack([zernike(j, np.hypot(u, v), np.arctan2(v, u)) for j in modes])
+    z1 = np.stack([zernike(j, np.hypot(gu, gv), np.arctan2(gv, gu)) for j in modes])
+    return (z0 * weight) @ z1.T
+
+
+def expected_response(modes: Sequence[int], convention_error: str) -> np.ndarray:
+    """Response matrix ``R`` expected when the camera image has ``convention_error`` (one of
+    :data:`CANDIDATES`), from the symmetries in the module docstring."""
+    eps = np.diag([handedness_factor(j) for j in modes])
+    if convention_error in ("identity", "mirrored x and mirrored y"):
+        return flip_signature(modes, convention_error)
+    if convention_error in ("mirrored x", "mirrored y", "swapped x/y"):
+        return eps @ flip_signature(modes, convention_error)
+    if convention_error == "reversed z":
+        return -eps @ flip_signature(modes, "mirrored x and mirrored y")
+    raise ValueError(f"unknown convention error {convention_error!r}; expected one of {CANDIDATES}")
+
+
+CANDIDATES = ("identity", "mirrored x", "mirrored y", "mirrored x and mirrored y", "swapped x/y", "reversed z")
 
 
 @dataclass
@@ -90,8 +138,9 @@ class SelfCheckReport:
                  f"{self.stacks} stacks; diagnosis: {self.diagnosis}",
                  f"{'mode':>4}  {'name':<30} {'read-back':>9}  {'dominant':>8}  sign  mode"]
         for r in self.rows:
+            sign, mode = ("ok" if r.sign_ok else "BAD"), ("ok" if r.mode_ok else "BAD")
             lines.append(f"{r.mode:>4}  {r.name:<30} {r.readback:>+9.2f}  {r.dominant_mode:>4} "
-                         f"({r.dominant_value:+.2f})  {'ok' if r.sign_ok else 'BAD':<4}  {'ok' if r.mode_ok else 'BAD'}")
+                         f"({r.dominant_value:+.2f})  {sign:<4}  {mode}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,16 +165,22 @@ def diagnose(response: np.ndarray, modes: list[int], min_gain: float = 0.4,
     r = r[np.ix_(seen, seen)]
     scores = {}
     for name in CANDIDATES:
-        t = _transform_matrix(modes, name)
-        scale = max(float(np.sum(r * t) / np.sum(t * t)), 0.0)
-        scores[name] = float(np.linalg.norm(r - scale * t) / max(np.linalg.norm(t), 1e-9))
+        t = expected_response(modes, name)
+        scale = max(float(np.sum(r * t) / max(float(np.sum(t * t)), 1e-12)), 0.0)
+        scores[name] = float(np.linalg.norm(r - scale * t) / max(float(np.linalg.norm(t)), 1e-9))
     # on a tie (modes that a flip leaves unchanged) the identity wins: nothing contradicts it
     best = min(scores, key=lambda k: (round(scores[k], 9), k != "identity"))
-    gain = float(np.mean(np.diag(r) * np.diag(_transform_matrix(modes, best))))
+    t_best = expected_response(modes, best)
+    gain = float(np.sum(r * t_best) / max(np.sum(t_best * t_best), 1e-12))
     if gain < min_gain or scores[best] > 0.8:
         return "no consistent convention (wrong vortex handedness, wrong mask, or a model not " \
                "matching this microscope)", scores
-    return ("conventions consistent" if best == "identity" else best), scores
+    if best == "identity":
+        return "conventions consistent", scores
+    tied = [k for k in CANDIDATES if round(scores[k], 9) == round(scores[best], 9)]
+    if len(tied) > 1:  # e.g. only even-m modes checked: a mirror in x reads like one in y
+        return f"{' or '.join(tied)} (the modes checked cannot tell these apart)", scores
+    return best, scores
 
 
 def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: float = 0.5,
@@ -178,4 +233,5 @@ def run_self_check(loop: Any, modes: list[int] | None = None, amplitude_rad: flo
     return report
 
 
-__all__ = ["run_self_check", "SelfCheckReport", "SelfCheckRow", "diagnose"]
+__all__ = ["run_self_check", "SelfCheckReport", "SelfCheckRow", "diagnose", "expected_response", "flip_signature",
+           "handedness_factor", "CANDIDATES", "PUPIL_TRANSFORMS"]

@@ -51,7 +51,8 @@ def test_other_hand_fills_centre():
     r = np.linspace(0, 1.0, 4001)
     expected = bessel_donut_profile(np.array([0.0]), "minus")[0] / bessel_donut_profile(r, "minus").max()
     assert expected == pytest.approx(0.88, abs=0.01)
-    assert xy[sim.n_px // 2, sim.n_px // 2] / xy.max() == pytest.approx(expected, abs=2e-3)
+    # README: 0.880 (simulator 0.881): the two agree to 1e-3
+    assert xy[sim.n_px // 2, sim.n_px // 2] / xy.max() == pytest.approx(expected, abs=1e-3)
 
 
 def test_focal_profile_matches_bessel_form_and_ring_radius(donut):
@@ -60,9 +61,9 @@ def test_focal_profile_matches_bessel_form_and_ring_radius(donut):
     r = np.linspace(0, 1.0, 20001)
     ref_fine = bessel_donut_profile(r)
     ring_radius = r[ref_fine.argmax()]
-    assert ring_radius / (LAM / NA) == pytest.approx(0.41, abs=0.01)
+    assert ring_radius / (LAM / NA) == pytest.approx(0.412, abs=5e-4)  # README: 0.412 lambda/NA
     ref = bessel_donut_profile(donut.coords_um[c:]) / ref_fine.max()
-    np.testing.assert_allclose(xy[c, c:], ref, atol=1e-3)
+    np.testing.assert_allclose(xy[c, c:], ref, atol=1.5e-4)  # README: max difference 1.5e-4 of the peak
     # rotational symmetry: +x, -x, +y, -y profiles agree
     for profile in (xy[c, c::-1], xy[c:, c], xy[c::-1, c]):
         np.testing.assert_allclose(profile[: c - 1], xy[c, c : 2 * c - 1], atol=5e-4)
@@ -123,7 +124,7 @@ def test_matches_bruteforce_quadrature_at_default_sampling(donut):
         ref = debye_quadrature(donut.optics, x, y, zz, ab, n_rho=160, n_phi=192)
         ref_i = (np.abs(ref) ** 2).sum(0) / donut._peak
         err = np.abs(s[k][sub, sub] - ref_i).max() / ref_i.max()
-        assert err < 1e-3, (k, err)
+        assert err < 3.3e-4, (k, err)  # README: max error 3.3e-4 (tests/test_claims.py: its own case)
 
 
 def test_batch_equals_single_and_mask_offset_breaks_symmetry(donut):

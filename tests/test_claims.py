@@ -1,0 +1,76 @@
+"""Figures stated in README.md and docs/*.md, each checked at least as tightly as it is stated
+(a figure given to k digits is checked to half a unit of its last digit). Where the code does not
+meet a stated figure the test fails: the figure or the code must change, not the tolerance.
+
+The physics claims of the simulator table live in tests/test_simulation.py (tolerances tightened
+to the README's figures); the ones here need the loop, the shipped model or the benchmark's
+brute-force reference. The two slow ones run in CI (.ci/run, `pytest -m slow tests/test_claims.py`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "weights" / "default.pt"
+
+
+def test_true_null_floor_is_the_stated_0_04_percent():
+    """README (loop section): 'The true-null floor (0.04 %)': the true null depth of the beam
+    after a perfect correction, default settings (64 px, the simulated 8-bit SLM)."""
+    from autoalign.app.loop import Correction
+    from autoalign.settings import load_settings
+    from tests.test_loop import ABERRATION, make_loop
+
+    loop, _ = make_loop(settings=load_settings(), aberration=ABERRATION, noise=False)
+    loop.apply(Correction({k: -v for k, v in ABERRATION.items()}))
+    assert loop.true_residual_rms() < 1e-9
+    assert loop.true_null_depth() < 0.00045          # 0.04 % to the digit stated
+
+
+@pytest.mark.slow
+def test_simulator_error_vs_brute_force_is_the_stated_3_3e_4():
+    """README: 'brute-force polar quadrature of the Debye integral (200 x 256 nodes, float64),
+    1 rad RMS aberrations: max error 3.3e-4 of the section peak', and the benchmark table's
+    'max relative error vs brute force 3.3e-4'. The benchmark's own draw (`autoalign benchmark`:
+    seed 0, Noll 5..15 uniform in +-0.5 rad scaled to <= 1 rad RMS, its first three triplets,
+    every fourth pixel). NOTE: other 1 rad RMS draws reach 4.9e-4 (8 draws); the README states
+    the benchmark's figure only."""
+    from autoalign.simulation import PSFSimulator, debye_quadrature
+    from autoalign.simulation.zernike import rms
+
+    sim = PSFSimulator.from_settings()
+    rng = np.random.default_rng(0)
+    coeffs = np.zeros((256, 15))
+    coeffs[:, 4:15] = rng.uniform(-0.5, 0.5, (256, 11))
+    coeffs *= np.minimum(1.0, 1.0 / np.maximum(rms(coeffs), 1e-9))[:, None]
+    sub = slice(None, None, 4)
+    x, y = np.meshgrid(sim.coords_um[sub], sim.coords_um[sub])
+    xz, zz = np.meshgrid(sim.coords_um[sub], sim.z_um[sub])
+    worst = 0.0
+    for k in range(3):
+        fast = sim.orthosections(coeffs[k])
+        for s, (px, py, pz) in enumerate([(x, y, 0 * x), (xz, 0 * xz, zz), (0 * xz, xz, zz)]):
+            field = debye_quadrature(sim.optics, px, py, pz, coeffs[k], n_rho=200, n_phi=256)
+            ref = (np.abs(field) ** 2).sum(0) / sim._peak
+            worst = max(worst, float(np.abs(fast[s][sub, sub] - ref).max() / ref.max()))
+    assert worst < 3.35e-4, worst
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED.exists(), reason=f"shipped model {SHIPPED} absent")
+def test_shipped_model_rmse_is_the_stated_figure(tmp_path, one_torch_thread):
+    """README (model): 'Target per-mode RMSE <= 0.05 rad: met (mean 0.035, worst 0.044 rad)' on a
+    fresh noisy set (seed 2, 300 samples). Re-simulated here: `write_dataset(seed=2)` with 375
+    samples, its 80 % train split (299 samples), evaluated as `autoalign evaluate` does."""
+    from autoalign.models.evaluate import evaluate
+    from autoalign.settings import load_settings
+    from autoalign.simulation.dataset import write_dataset
+
+    data = write_dataset(load_settings(), 375, tmp_path / "fresh.h5", seed=2, workers=1, progress=False)
+    result = evaluate(SHIPPED, data, split="train", resimulate=0)
+    assert result["samples"] >= 299
+    assert result["rmse_mean"] < 0.0355, result["rmse_mean"]
+    assert result["rmse_max"] < 0.0445, result["rmse_max"]
