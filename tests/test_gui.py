@@ -165,7 +165,14 @@ def test_best_restore_refreshes_history_bars_and_images(qtbot, window):
     w = window
     loop = w.worker.loop
     loop.patience = 1
-    loop._score = lambda r: float(r.iteration)   # every iteration looks worse: restore the best
+    estimate, scores = loop.estimator.estimate, iter(range(100))
+
+    def worse_each_time(measurement):  # every iteration looks worse: the loop restores the best
+        est = estimate(measurement)
+        est.score = float(next(scores))
+        return est
+
+    loop.estimator.estimate = worse_each_time
     w.results.clear()
     seen = w.measurements_seen
     w.auto_align(iterations=4, gain=0.5)

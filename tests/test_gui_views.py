@@ -139,12 +139,13 @@ def test_null_floor_is_the_loops_measured_null_of_the_ideal_donut(settings, refe
     """The floor equals what the loop itself measures on a noise-free unaberrated stack (its own
     simulated camera, acquisition and analysis), and grows with the bead, which fills the null."""
     from autoalign.app.gui.reference import ideal_reference
+    from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
     from autoalign.hardware.factory import open_devices
 
     devices = open_devices(settings)
     try:
-        loop = AlignmentLoop(devices, settings, predictor=None)
+        loop = AlignmentLoop(devices, settings, make_estimator("model", settings))
         assert reference.null_depth_floor == pytest.approx(loop.ideal_null_depth(), rel=0.05)
     finally:
         devices.close()
