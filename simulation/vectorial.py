@@ -314,12 +314,15 @@ class PSFSimulator:
         b = scalar.shape[0]
         grid = self._grid if grid is None else grid
         n = grid["n"]
-        z = torch.as_tensor(np.asarray(z_um, dtype=float).ravel(), dtype=self.rdtype, device=self.device)
+        if isinstance(z_um, torch.Tensor):  # differentiable focus positions (model fitting)
+            z = z_um.to(dtype=self.rdtype, device=self.device).reshape(-1)
+        else:
+            z = torch.as_tensor(np.asarray(z_um, dtype=float).ravel(), dtype=self.rdtype, device=self.device)
         defocus = torch.polar(torch.ones((), dtype=self.rdtype, device=self.device), z[:, None, None] * self._kz_t)
         planes = (scalar[:, None, 0] * defocus[None]).reshape(-1, *self._kz_t.shape)  # (B nz, Na, Nc)
         d = self._chord_sums(planes, 0, grid["chord"][..., :n], pupil_field)  # (Na, B nz 3, y)
         f = grid["fx"] @ d.reshape(d.shape[0], -1)  # (x, B nz 3 y)
-        return f.reshape(n, b, len(z), 3, n).permute(1, 3, 2, 4, 0)  # (B, 3, z, y, x)
+        return f.reshape(n, b, z.shape[0], 3, n).permute(1, 3, 2, 4, 0)  # (B, 3, z, y, x)
 
     @staticmethod
     def _intensity(field: torch.Tensor) -> torch.Tensor:
@@ -368,10 +371,13 @@ class PSFSimulator:
 
         A bead (or sample) displaced by (dx, dy) from the grid centre is imaged exactly by adding
         tip/tilt ``pi NA d / lambda`` (Fourier shift); a focus offset by shifting ``z_um``.
-        ``pupil_field`` (from :meth:`pupil_field`) replaces the pure input polarisation."""
+        ``pupil_field`` (from :meth:`pupil_field`) replaces the pure input polarisation. ``z_um``
+        may be a torch tensor (gradients flow to it: fitting the bead's z)."""
         c, o = self._prepare(coefficients, mask_offsets, batch=True)
-        z = self.z_um if z_um is None else np.asarray(z_um, dtype=float).ravel()
         scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
+        if isinstance(z_um, torch.Tensor):  # differentiable focus positions, one batch
+            return self._intensity(self._plane_fields(scalar, z_um, pupil_field)) / self._peak
+        z = self.z_um if z_um is None else np.asarray(z_um, dtype=float).ravel()
         out = [self._intensity(self._plane_fields(scalar, z[i : i + 32], pupil_field))
                for i in range(0, len(z), 32)]
         return torch.cat(out, dim=1) / self._peak
