@@ -296,10 +296,11 @@ class PSFSimulator:
         n_a = scalar.shape[2]
         d0 = self._chord_sums(scalar[:, 0], 0, grid["chord"], pupil_field)  # xy and xz: (Na, B 3, n + nz)
         d1 = self._chord_sums(scalar[:, 1], 1, grid["chord"][..., n:], pupil_field)  # yz: (Na, B 3, nz)
-        f = grid["fx"] @ torch.cat([d0.reshape(n_a, -1), d1.reshape(n_a, -1)], dim=1)
-        power = f.real**2 + f.imag**2  # |E|^2 without the square root of abs()
-        i0 = power[:, : d0[0].numel()].reshape(n, b, 3, n + nz).sum(dim=2)  # (x, B, k)
-        i1 = power[:, d0[0].numel() :].reshape(n, b, 3, nz).sum(dim=2)
+        # two products instead of one on a concatenation: the copy of cat cost ~14 % of the time
+        f0 = grid["fx"] @ d0.reshape(n_a, -1)
+        f1 = grid["fx"] @ d1.reshape(n_a, -1)
+        i0 = (f0.real**2 + f0.imag**2).reshape(n, b, 3, n + nz).sum(dim=2)  # |E|^2, (x, B, k)
+        i1 = (f1.real**2 + f1.imag**2).reshape(n, b, 3, nz).sum(dim=2)
         xy = i0[..., :n].permute(1, 2, 0)  # (B, y, x)
         xz = i0[..., n:].permute(1, 2, 0)  # (B, z, x)
         yz = i1.permute(1, 2, 0)  # (B, z, y)
