@@ -328,7 +328,9 @@ def diagnose(
             f"({max_mask_shift:g})", f"re-centre the pupil on the SLM: slm.pupil_centre_px: {new}",
             value=mis, uncertainty=math.hypot(unc.get("offset_x", 0.0), unc.get("offset_y", 0.0)),
             settings={"slm.pupil_centre_px": new}, null_contribution=shift**2))
-    if result.structure_p < 1e-3 or result.chi2_per_dof > 1.5:
+    from autoalign.calibration.refine import CHI2_MAX, STRUCTURE_P
+
+    if result.structure_p < STRUCTURE_P or result.chi2_per_dof > CHI2_MAX:
         out.append(Diagnosis(
             "unmodelled_aberration",
             f"the fit leaves structure (p = {result.structure_p:.1e} at {result.structure_block_px} px, "
