@@ -136,3 +136,21 @@ def test_fisher_uncertainty_matches_the_scatter_over_noise(small):
     spread = np.std(np.array(fits), axis=0, ddof=1)
     ratio = float(np.sqrt(np.mean(spread**2)) / np.sqrt(np.mean(sig**2)))
     assert 0.6 < ratio < 1.6
+
+
+def test_refine_separates_the_commanded_vortex_shift(small):
+    """The SLM shows the vortex shifted by -0.04 (a loop correction) on a misregistration of 0.06:
+    the offset present is 0.02, the misregistration 0.06."""
+    from autoalign.simulation.phase import mask_phase, zernike_phase
+
+    mic = SimulatedMicroscope(small, seed=7, mask_offset=(0.06, 0.0))
+    slm = SimulatedSLM(mic)
+    slm.open()
+    m = slm.pupil_samples
+    commanded = {6: 0.1}
+    slm.show(mask_phase(small, m, (-0.04, 0.0)) + zernike_phase(commanded, m))
+    present = {j: float(mic.aberration[j - 1]) + commanded.get(j, 0.0) for j in MODES}
+    r = refine(mic.render_stack(Z_UM), Z_UM, small, RefineStart(coefficients=present, mask_offset=(0.02, 0.0)),
+               commanded=commanded, commanded_shift=(-0.04, 0.0), options=OPTIONS)
+    assert r.mask_offset == pytest.approx((0.02, 0.0), abs=0.008)
+    assert r.misregistration == pytest.approx((0.06, 0.0), abs=0.008)
