@@ -17,6 +17,7 @@ Faults named (each a :class:`Diagnosis` with a plain-words cause and the action)
 * ``unmodelled_aberration``: the fit leaves structure (modes beyond the model's, or a fault the
   model lacks). Knob: fit more modes, check the beam path.
 * ``bead_too_large``: the bead alone fills the null above what is wanted. Knob: a smaller bead.
+* ``at_bead_floor`` (not a fault): the measured null is at the floor the bead sets.
 
 Conventions: Zernike Noll from 1, RMS-normalised, radians; pupil coordinates in pupil radii;
 flips as :class:`hardware.slm_display.PhaseToGrey` (``flip_x``: u -> -u).
@@ -278,8 +279,9 @@ def diagnose(
     """Named faults found in a refined fit, the most damaging first (empty: nothing beyond what
     Zernike correction fixes).
 
-    ``measured_null`` / ``wanted_null``: the null now measured and the one the user wants (for
-    the bead-size check); ``wrong_hand_threshold``: wrong-hand fraction worth reporting
+    ``measured_null``: the null now measured (loop's definition); when it is within 25 % of the
+    bead's floor an ``at_bead_floor`` finding says so (not a fault: the stop reason);
+    ``wanted_null``: the null the user wants (the bead-size check); ``wrong_hand_threshold``: wrong-hand fraction worth reporting
     (also needs 3 sigma); ``scale_tolerance``: |1 - s| worth reporting (also 3 sigma);
     ``max_mask_shift``: the largest vortex shift (pupil radii) the SLM should make before the
     pupil is re-centred; ``floor``: the bead's :func:`null_floor` (computed when needed)."""
@@ -337,6 +339,16 @@ def diagnose(
             f"chi^2/dof = {result.chi2_per_dof:.2f}): aberration beyond the model's modes or a fault the model lacks",
             "fit more modes (up to Noll 28), check the beam path (clipping, a dirty or tilted optic) and the bead",
             value=result.structure_p, null_contribution=0.0))
+    if measured_null is not None and math.isfinite(measured_null):
+        fl = null_floor(settings, result.bead_diameter_um) if floor is None else floor
+        floor = fl
+        if is_at_floor(measured_null, fl):
+            out.append(Diagnosis(
+                "at_bead_floor",
+                f"the measured null ({100 * measured_null:.2f} %) is at the floor set by the "
+                f"{1000 * result.bead_diameter_um:.0f} nm bead ({100 * fl:.2f} %)",
+                "nothing left to correct that this bead can show; a smaller bead shows a deeper null",
+                value=measured_null, null_contribution=0.0))
     if wanted_null is not None:
         fl = null_floor(settings, result.bead_diameter_um) if floor is None else floor
         if fl > wanted_null:

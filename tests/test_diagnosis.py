@@ -168,3 +168,11 @@ def test_stop_rules():
     assert not dg.is_at_floor(float("nan"), 0.045)
     assert dg.residual_within_crb(0.007, 0.004) and not dg.residual_within_crb(0.02, 0.004)
     assert dg.stroke_residual_rms(0.8) == pytest.approx(0.2 * math.sqrt(math.pi**2 / 3 - 16 / 9))
+
+
+def test_a_null_at_the_bead_floor_is_said_so(small):
+    r, _ = fit(small)
+    floor = dg.null_floor(small)
+    names = [d.name for d in dg.diagnose(r, small, measured_null=1.1 * floor)]
+    assert names == ["at_bead_floor"]
+    assert dg.diagnose(r, small, measured_null=3 * floor) == []
