@@ -361,7 +361,13 @@ def diagnose(
                 value=fl, settings={"camera.bead_diameter_um": d_max}, null_contribution=fl))
     out.sort(key=lambda d: -d.null_contribution)
     structured = [d for d in out if d.name == "unmodelled_aberration"]
-    if structured:  # the fit does not explain the data: its other findings are only hints
+    others = [d for d in out if d.name not in ("unmodelled_aberration", "at_bead_floor")]
+    if structured and others and result.chi2_per_dof <= CHI2_MAX:
+        # a fitted fault with sharp edges (stroke wraps, the SLM's shifted pupil circle) leaves
+        # some structure at the quadrature's resolution: the named fault comes first
+        structured[0].cause += " (possibly the edges of the fault found, which the model resolves coarsely)"
+        out = others + [d for d in out if d.name == "at_bead_floor"] + structured
+    elif structured:  # the fit does not explain the data: its other findings are only hints
         for d in out:
             if d.name != "unmodelled_aberration":
                 d.cause += " (uncertain: the fit does not explain the data)"
