@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autoalign.simulation.zernike import noll_to_nm, zernike
+from autoalign.simulation.zernike import zernike
 
 if TYPE_CHECKING:  # pragma: no cover
     from autoalign.calibration.refine import RefineResult

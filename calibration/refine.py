@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from autoalign.simulation.noise import CameraModel, bead_kernel
+from autoalign.simulation.noise import CameraModel
 from autoalign.simulation.vectorial import PSFSimulator
 from autoalign.simulation.zernike import noll_to_nm
 
