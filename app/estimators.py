@@ -4,7 +4,9 @@
 (:class:`autoalign.models.estimator.CNNEstimator`; ``predictor`` None loads
 ``settings.model.checkpoint`` on first use); ``make_estimator("modal", settings, modes=...,
 bias_rad=..., metric=..., max_step=...)`` -> classical sensorless modal AO
-(:class:`autoalign.calibration.modal.ModalEstimator`).
+(:class:`autoalign.calibration.modal.ModalEstimator`); ``make_estimator("refined", settings,
+predictor=None, ...)`` -> the CNN then the model-based fit (:class:`autoalign.models.refined.RefinedEstimator`,
+options from the ``refine:`` settings).
 
 Adding an estimator: implement :class:`autoalign.estimator.Estimator` in the package it belongs to
 and add one entry to :data:`ESTIMATORS` (see ``docs/architecture.md``). The loop is not touched.
@@ -28,8 +30,14 @@ def _modal(settings: Settings, predictor: Any = None, **options: Any) -> Estimat
     return ModalEstimator(**options)
 
 
+def _refined(settings: Settings, predictor: Any = None, **options: Any) -> Estimator:
+    from autoalign.models.refined import RefinedEstimator  # torch: imported only when used
+
+    return RefinedEstimator(settings, predictor, **options)
+
+
 #: name -> factory(settings, predictor=None, **options)
-ESTIMATORS: dict[str, Callable[..., Estimator]] = {"model": _cnn, "modal": _modal}
+ESTIMATORS: dict[str, Callable[..., Estimator]] = {"model": _cnn, "modal": _modal, "refined": _refined}
 
 
 def make_estimator(kind: str, settings: Settings, predictor: Any = None, **options: Any) -> Estimator:

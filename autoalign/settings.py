@@ -270,6 +270,23 @@ class SimulationSettings:
 
 
 @dataclass(frozen=True)
+class RefineSettings:
+    """The ``refined`` estimator (``models/refined.py``): CNN, then the model-based Poisson fit
+    (``calibration/refine.py``). Optional section; every key has its documented default."""
+
+    plane_offsets_um: list[float] | None = _f(None)  # focus offsets of the fitted planes; None: -0.6..0.6 step 0.3
+    crop_px: int = _f(32, ge=8, le=256)            # square crop around the bead (pixels)
+    pupil_samples: int = _f(32, ge=8, le=256)      # pupil nodes per axis of the fit's simulator
+    max_iterations: int = _f(100, ge=1)            # L-BFGS iterations of the full fit
+    fit_offset: bool = _f(True)                    # fit the vortex-mask offset
+    fit_polarisation: bool = _f(True)              # fit the wrong-hand fraction and phase
+    fit_slm_scale: bool = _f(False)                # fit the SLM's phase stroke (LUT / grey level for 2 pi)
+    uncertainties: bool = _f(True)                 # Fisher information (1 sigma per mode, CRB)
+    agreement_rad: float = _f(0.25, gt=0.0)        # largest |fit - network| per mode of a valid estimate
+    compensate_slm_scale: bool = _f(False)         # report the Zernike part / fitted stroke (needs fit_slm_scale)
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings. ``source`` is the file they came from (for error messages and records)."""
 
@@ -283,6 +300,7 @@ class Settings:
     dataset: DatasetSettings
     loop: LoopSettings
     simulation: SimulationSettings
+    refine: RefineSettings = RefineSettings()  # optional section (refined estimator)
     source: str = "<memory>"
 
     def to_dict(self) -> dict[str, Any]:

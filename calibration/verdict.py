@@ -1,0 +1,177 @@
+"""From the refined estimator's findings to the loop's stop reason, in plain words; the stop rule
+against physics (issue 13 items 3-4).
+
+* :func:`summarise_diagnoses`: the dominant named fault of an estimate's diagnoses (the one that
+  fills the null most), e.g. ``("polarisation_impurity", "polarisation impurity, ~2.0 % of the
+  power in the wrong circular hand", "rotate the quarter-wave plate ...", {...})`` with the terms
+  that limit the null;
+* :func:`is_converged_physics`: stop when the estimated residual is within ``factor`` x its
+  Cramér–Rao bound or the measured null is at the bead's floor; claim success only at the floor.
+
+Both read plain data (the ``extras`` of an :class:`autoalign.estimator.Estimate` made by
+:class:`autoalign.models.refined.RefinedEstimator`: ``extras["diagnoses"]``, a list of dicts with
+``name``, ``cause``, ``action``, ``value``, ``settings``, ``null_contribution``; and
+``extras["refine"]``, the fit's summary): a loop needs nothing but the estimate.
+
+Null depths are fractions of the ring's peak (measured: the loop's
+:func:`autoalign.calibration.metrics.null_depth`; floor: :func:`calibration.diagnosis.null_floor`).
+Residuals in radians RMS (Noll >= 5).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autoalign.calibration.diagnosis import is_at_floor, residual_within_crb
+
+__all__ = ["DiagnosisSummary", "PhysicsConvergence", "summarise_diagnoses", "is_converged_physics",
+           "FAULT_NAMES"]
+
+#: diagnoses that name a fault Zernike correction cannot fix (not ``unmodelled_aberration``, which
+#: says the model lacks something, nor ``at_bead_floor``, which is not a fault)
+FAULT_NAMES = ("polarisation_impurity", "slm_stroke", "orientation", "mask_offset", "bead_too_large")
+
+
+@dataclass(frozen=True)
+class DiagnosisSummary:
+    """The dominant finding: ``name`` (a :mod:`calibration.diagnosis` name, ``at_bead_floor`` or
+    ``none``), ``cause`` and ``action`` in plain words, and ``limiting_terms``: {term: null depth
+    it accounts for (fraction of the ring peak)}: ``bead_floor``, one entry per named fault (its
+    ``null_contribution``), ``residual_aberration`` (``1 - exp(-residual_rms**2)``, the power a
+    residual wavefront scatters, when known; an order of magnitude like the faults' own) and
+    ``unexplained`` (measured minus the others, when the measured null is known). Unpacks as the
+    tuple ``(name, cause, action, limiting_terms)``; ``str()`` is the stop-reason text."""
+
+    name: str
+    cause: str
+    action: str
+    limiting_terms: dict[str, float]
+
+    def __iter__(self):  # (name, cause, action, limiting_terms)
+        return iter((self.name, self.cause, self.action, self.limiting_terms))
+
+    def __str__(self) -> str:
+        return f"{self.cause}: {self.action}" if self.action else self.cause
+
+
+def _field(d: Any, key: str, default: Any = None) -> Any:
+    return d.get(key, default) if isinstance(d, Mapping) else getattr(d, key, default)
+
+
+def _extras(source: Any) -> tuple[list[Any], Mapping[str, Any]]:
+    """(diagnoses, refine summary) from an Estimate, its extras dict, or a list of diagnoses."""
+    if source is None:
+        return [], {}
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        return list(source), {}
+    extras = getattr(source, "extras", source)
+    if not isinstance(extras, Mapping):
+        raise TypeError(f"summarise_diagnoses: expected an Estimate, its extras (a mapping) or a list of "
+                        f"diagnoses, got {type(source).__name__}")
+    return list(extras.get("diagnoses") or []), extras.get("refine") or {}
+
+
+def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = None,
+                        floor: float | None = None, residual_rms: float | None = None,
+                        margin: float = 0.25) -> DiagnosisSummary:
+    """The dominant finding of an estimate's diagnoses, for the loop's stop reason.
+
+    ``estimate_or_extras``: an :class:`~autoalign.estimator.Estimate` of the refined estimator, its
+    ``extras`` mapping, or a list of diagnoses (dicts or :class:`~calibration.diagnosis.Diagnosis`);
+    ``measured_null``: the null now measured (the loop's definition); ``floor``: the bead's
+    null floor (same definition); ``residual_rms``: the estimated residual (rad; default the
+    estimate's ``residual_rms``); ``margin``: relative margin of "at the floor".
+
+    Choice: the named fault (:data:`FAULT_NAMES`) with the largest ``null_contribution``; when the
+    fit does not explain the data (``unmodelled_aberration`` ranked first by ``diagnose``, i.e.
+    chi^2/dof too large) that finding instead; with no fault: ``unmodelled_aberration`` if found,
+    else ``at_bead_floor`` when the measured null is within ``margin`` of the floor, else ``none``.
+    ``at_bead_floor`` findings in the input are ignored (recomputed from the arguments)."""
+    found, _ = _extras(estimate_or_extras)
+    if residual_rms is None:
+        residual_rms = getattr(estimate_or_extras, "residual_rms", None)
+    items = [d for d in found if _field(d, "name") != "at_bead_floor"]
+    faults = [d for d in items if _field(d, "name") in FAULT_NAMES]
+    unmodelled = [d for d in items if _field(d, "name") == "unmodelled_aberration"]
+
+    terms: dict[str, float] = {}
+    if floor is not None and math.isfinite(floor):
+        terms["bead_floor"] = float(floor)
+    for d in faults:
+        terms[str(_field(d, "name"))] = float(_field(d, "null_contribution", 0.0) or 0.0)
+    if residual_rms is not None and math.isfinite(residual_rms):
+        terms["residual_aberration"] = 1.0 - math.exp(-float(residual_rms) ** 2)
+    if measured_null is not None and math.isfinite(measured_null):
+        terms["unexplained"] = max(float(measured_null) - sum(terms.values()), 0.0)
+
+    def pick(d: Any) -> DiagnosisSummary:
+        return DiagnosisSummary(str(_field(d, "name")), str(_field(d, "cause", "")), str(_field(d, "action", "")),
+                                terms)
+
+    # diagnose() ranks unmodelled_aberration first only when the fit does not explain the data
+    # (chi^2/dof > CHI2_MAX: its other findings are then uncertain) or nothing else was found
+    if unmodelled and _field(items[0], "name") == "unmodelled_aberration":
+        return pick(unmodelled[0])
+    if faults:
+        return pick(max(faults, key=lambda d: float(_field(d, "null_contribution", 0.0) or 0.0)))
+    at_floor = (measured_null is not None and floor is not None and is_at_floor(measured_null, floor, margin))
+    if at_floor:
+        return DiagnosisSummary(
+            "at_bead_floor",
+            f"the measured null ({100 * measured_null:.2f} %) is at the floor set by the bead ({100 * floor:.2f} %)",
+            "nothing left to correct that this bead can show; a smaller bead shows a deeper null", terms)
+    if unmodelled:
+        return pick(unmodelled[0])
+    return DiagnosisSummary("none", "no fault found beyond what Zernike correction fixes", "", terms)
+
+
+@dataclass(frozen=True)
+class PhysicsConvergence:
+    """Verdict of :func:`is_converged_physics`: ``stop`` (nothing more a correction can show),
+    ``converged`` (success may be claimed: the measured null is at the bead's floor), the two
+    tests, and ``reason`` in plain words. ``bool(verdict)`` is ``converged``."""
+
+    converged: bool
+    stop: bool
+    at_floor: bool
+    within_crb: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.converged
+
+
+def is_converged_physics(residual_rms: float | None, crb_rms: float | None, measured_null: float | None,
+                         floor: float | None, factor: float = 2.0, margin: float = 0.25) -> PhysicsConvergence:
+    """Stop against physics (issue 13 item 4).
+
+    ``residual_rms``: the estimated residual (rad RMS, Noll >= 5, e.g. the refined estimate's
+    ``residual_rms``); ``crb_rms``: its Cramér–Rao bound at the photons collected
+    (``extras["refine"]["crb_residual_rms"]``); ``measured_null`` and ``floor``: the measured null
+    and the bead's floor (:func:`calibration.diagnosis.null_floor`), same definition.
+
+    * at the floor (:func:`calibration.diagnosis.is_at_floor`, relative ``margin``): stop,
+      converged;
+    * residual within ``factor`` x its bound (:func:`calibration.diagnosis.residual_within_crb`)
+      but the null above the floor: stop, NOT converged (something Zernike correction does not fix
+      fills the null: see :func:`summarise_diagnoses`);
+    * otherwise: go on. Unknown (None/NaN) inputs make their test False."""
+    ok = lambda v: v is not None and math.isfinite(float(v))  # noqa: E731
+    at_floor = bool(ok(measured_null) and ok(floor) and is_at_floor(float(measured_null), float(floor), margin))
+    within = bool(ok(residual_rms) and ok(crb_rms) and residual_within_crb(float(residual_rms), float(crb_rms), factor))
+    if at_floor:
+        reason = (f"measured null {100 * float(measured_null):.2f} % at the bead's floor "
+                  f"{100 * float(floor):.2f} % (+{100 * margin:.0f} %)")
+    elif within:
+        reason = (f"estimated residual {float(residual_rms):.3f} rad within {factor:g} x its Cramér–Rao bound "
+                  f"({float(crb_rms):.3f} rad)")
+        if ok(measured_null) and ok(floor):
+            reason += (f", but the measured null {100 * float(measured_null):.2f} % is above the bead's floor "
+                       f"{100 * float(floor):.2f} %: not converged")
+    else:
+        reason = ""
+    return PhysicsConvergence(converged=at_floor, stop=at_floor or within, at_floor=at_floor, within_crb=within,
+                              reason=reason)
+

@@ -1,0 +1,241 @@
+"""The ``refined`` estimator: the network's estimate, then the model-based Poisson fit of the
+vectorial simulator to the raw stack, with uncertainties, a validity verdict and named faults.
+
+Per measurement (:meth:`RefinedEstimator.estimate`):
+
+1. the network (:class:`autoalign.models.estimator.CNNEstimator`, or any estimator given as
+   ``network``) reads the aberration present from the ortho-sections;
+2. :func:`autoalign.calibration.refine.refine` fits the forward model to a few xy planes of the
+   measurement's raw stack (``measurement.stack.data`` in ADU, ``stack.z_positions_um``), warm
+   started from the network, knowing what the SLM shows now: the host's (the loop's) current
+   correction, ``host.correction.coefficients`` ({Noll: rad}, tip/tilt/defocus included) and
+   ``host.correction.mask_offset`` (the commanded vortex shift, pupil radii);
+3. :func:`autoalign.calibration.diagnosis.diagnose` names the faults the fit found (with the
+   measured null of the measurement and the bead's floor).
+
+The :class:`~autoalign.estimator.Estimate` returned:
+
+* ``coefficients``: the fit's aberration present ({Noll: rad}, the fit's modes; the loop applies
+  minus gain times them); with ``refine.compensate_slm_scale`` and a fitted stroke ``s``, divided by
+  ``s`` (the SLM then delivers the full correction; the vortex's own stroke error remains: set
+  ``slm.grey_level_2pi`` as the ``slm_stroke`` diagnosis says);
+* ``mask_offset``: the fit's offset present (pupil radii; the network's when the offset is not fitted);
+* ``uncertainty``: 1 sigma per mode from the inverse Fisher information;
+* ``valid``: the fit explains the data (chi^2/dof <= ``CHI2_MAX``, no structured residual) AND the
+  network agrees with the fit within ``refine.agreement_rad`` on every mode (the network is in its
+  domain); ``reason`` says which failed and by how much;
+* ``residual_rms`` and ``score``: the RMS of the fitted aberration present (Noll >= 5), a
+  maximum-likelihood MEASUREMENT of the residual (precise to ~``crb_residual_rms``), lower is better;
+* ``extras``: ``refine`` (summary of the :class:`~autoalign.calibration.refine.RefineResult`: wrong-hand
+  fraction, SLM phase scale, bead position, photons, chi^2/dof, structure p, Cramér–Rao bound of the
+  residual, ...), ``diagnoses`` (list of plain dicts: name, cause, action, value, uncertainty,
+  settings, null_contribution; most damaging first), ``network`` (its coefficients),
+  ``disagreement`` ({Noll: fit - network}), ``measured_null`` and ``null_floor``.
+
+Options come from the ``refine:`` settings section (:class:`autoalign.settings.RefineSettings`).
+Conventions: Noll from 1, RMS-normalised, radians; mask offset in pupil radii; lengths in µm.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from autoalign.calibration import diagnosis as dg
+from autoalign.calibration.metrics import null_depth
+from autoalign.calibration.refine import RefineOptions, RefineResult, RefineStart, refine
+from autoalign.estimator import Estimate, Estimator, MeasurementLike, ProbeHost
+from autoalign.models.estimator import CNNEstimator
+from autoalign.settings import Settings
+
+log = logging.getLogger("autoalign.models.refined")
+
+__all__ = ["RefinedEstimator", "refine_options", "diagnosis_dict", "refine_summary"]
+
+
+def refine_options(settings: Settings, modes: list[int] | None = None) -> RefineOptions:
+    """:class:`RefineOptions` from the ``refine:`` settings section (``modes``: the Noll indices
+    fitted, default ``settings.model.modes``)."""
+    r = settings.refine
+    kw: dict[str, Any] = dict(modes=tuple(int(m) for m in (modes or settings.model.modes)), crop_px=r.crop_px,
+                              pupil_samples=r.pupil_samples, max_iterations=r.max_iterations,
+                              fit_offset=r.fit_offset, fit_polarisation=r.fit_polarisation,
+                              fit_slm_scale=r.fit_slm_scale, uncertainties=r.uncertainties)
+    if r.plane_offsets_um is not None:
+        kw["plane_offsets_um"] = tuple(float(z) for z in r.plane_offsets_um)
+    return RefineOptions(**kw)
+
+
+def _plain(x: float) -> float | None:
+    """A float for a JSON report (NaN/inf as None)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def diagnosis_dict(d: dg.Diagnosis) -> dict[str, Any]:
+    """A :class:`~autoalign.calibration.diagnosis.Diagnosis` as a plain (JSON-ready) dict."""
+    return {"name": d.name, "cause": d.cause, "action": d.action, "value": _plain(d.value),
+            "uncertainty": _plain(d.uncertainty), "settings": dict(d.settings),
+            "null_contribution": float(d.null_contribution)}
+
+
+def refine_summary(r: RefineResult) -> dict[str, Any]:
+    """The scalar findings of a refined fit as a plain dict (units in the key names or as in
+    :class:`~autoalign.calibration.refine.RefineResult`)."""
+    return {
+        "wrong_hand_fraction": float(r.wrong_hand_fraction),
+        "wrong_hand_fraction_sigma": _plain(r.uncertainty.get("wrong_hand_fraction", math.nan)),
+        "wrong_hand_phase_rad": float(r.wrong_hand_phase_rad),
+        "slm_phase_scale": float(r.slm_phase_scale),
+        "slm_phase_scale_sigma": _plain(r.uncertainty.get("slm_phase_scale", math.nan)),
+        "bead_um": [float(v) for v in r.bead_um],
+        "bead_diameter_um": float(r.bead_diameter_um),
+        "peak_photons": float(r.peak_photons),
+        "background_photons": float(r.background_photons),
+        "mask_offset": [float(v) for v in r.mask_offset],
+        "misregistration": [float(v) for v in r.misregistration],
+        "chi2_per_dof": float(r.chi2_per_dof),
+        "deviance_per_dof": float(r.deviance_per_dof),
+        "structure_p": float(r.structure_p),
+        "structure_block_px": int(r.structure_block_px),
+        "crb_residual_rms": _plain(r.crb_residual_rms),
+        "iterations": int(r.iterations),
+        "elapsed_s": float(r.elapsed_s),
+        "valid": bool(r.valid),
+        "reason": r.reason,
+    }
+
+
+class RefinedEstimator(Estimator):
+    """CNN warm start + model-based Poisson fit (see the module docstring). One stack per
+    estimate (``probes`` False); ~1 s per fit at the default ``refine:`` settings on one core.
+
+    ``settings``: the settings (its ``refine:`` section gives the fit's options);
+    ``predictor``: a :class:`autoalign.models.predictor.Predictor`-like object for the network
+    (None: ``settings.model.checkpoint`` on first use); ``network``: any estimator to warm-start
+    from instead of the CNN; ``options``: :class:`RefineOptions` overriding the settings';
+    ``agreement_rad``: overrides ``refine.agreement_rad``; ``wanted_null``: passed to
+    :func:`~autoalign.calibration.diagnosis.diagnose` (the bead-size check)."""
+
+    name = "refined"
+    probes = False
+
+    def __init__(self, settings: Settings, predictor: Any = None, network: Estimator | None = None,
+                 options: RefineOptions | None = None, agreement_rad: float | None = None,
+                 wanted_null: float | None = None) -> None:
+        self.settings = settings
+        self.network = network if network is not None else CNNEstimator(settings, predictor)
+        self.options = options
+        self.agreement_rad = float(settings.refine.agreement_rad if agreement_rad is None else agreement_rad)
+        if not self.agreement_rad > 0:
+            raise ValueError(f"RefinedEstimator: agreement_rad = {agreement_rad!r}: expected > 0 (radians)")
+        self.wanted_null = wanted_null
+        self.host: ProbeHost | None = None
+        self.last_result: RefineResult | None = None
+        self._misregistration = (0.0, 0.0)  # warm start of the offset when the network does not read it
+        self._floors: dict[float, float] = {}
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def modes(self) -> list[int]:
+        if self.options is not None and self.options.modes is not None:
+            return [int(m) for m in self.options.modes]
+        return [int(m) for m in self.settings.model.modes]
+
+    def attach(self, host: ProbeHost) -> None:
+        self.host = host
+        self.network.attach(host)
+
+    def prepare(self) -> None:
+        self.network.prepare()
+
+    def fit_options(self) -> RefineOptions:
+        """The :class:`RefineOptions` of the fit (``options`` given, else the ``refine:`` settings)."""
+        return self.options if self.options is not None else refine_options(self.settings, self.modes)
+
+    def null_floor(self, bead_diameter_um: float) -> float:
+        """The bead's measured-null floor (:func:`calibration.diagnosis.null_floor`, cached)."""
+        key = round(float(bead_diameter_um), 5)
+        if key not in self._floors:
+            self._floors[key] = dg.null_floor(self.settings, key)
+        return self._floors[key]
+
+    def _commanded(self) -> tuple[dict[int, float], tuple[float, float]]:
+        """What the SLM shows now: the host's correction (coefficients, vortex shift); none
+        without a host."""
+        corr = getattr(self.host, "correction", None) if self.host is not None else None
+        if corr is None:
+            return {}, (0.0, 0.0)
+        coeffs = {int(k): float(v) for k, v in dict(getattr(corr, "coefficients", {}) or {}).items()}
+        off = getattr(corr, "mask_offset", None) or (0.0, 0.0)
+        return coeffs, (float(off[0]), float(off[1]))
+
+    # ------------------------------------------------------------------ estimate
+    def estimate(self, measurement: MeasurementLike) -> Estimate:
+        net = self.network.estimate(measurement)
+        stack = getattr(measurement, "stack", None)
+        if stack is None or getattr(stack, "data", None) is None:
+            return Estimate(dict(net.coefficients), net.mask_offset, None, False,
+                            "refinement needs the raw stack (measurement.stack is None)", self.name)
+        options = self.fit_options()
+        modes = list(options.modes) if options.modes is not None else self.modes
+        commanded, shift = self._commanded()
+        if net.mask_offset is not None:
+            start_offset = (float(net.mask_offset[0]), float(net.mask_offset[1]))
+        else:
+            start_offset = (self._misregistration[0] + shift[0], self._misregistration[1] + shift[1])
+        start = RefineStart(coefficients={j: float(net.coefficients.get(j, 0.0)) for j in modes},
+                            mask_offset=start_offset)
+        try:
+            r = refine(stack.data, stack.z_positions_um, self.settings, start, commanded=commanded,
+                       commanded_shift=shift, options=options)
+        except ValueError as exc:
+            return Estimate(dict(net.coefficients), net.mask_offset, None, False, f"refinement failed: {exc}",
+                            self.name, extras={"network": dict(net.coefficients)})
+        self.last_result = r
+        if options.fit_offset and all(math.isfinite(v) for v in r.misregistration):
+            self._misregistration = (float(r.misregistration[0]), float(r.misregistration[1]))
+        present = {j: float(r.coefficients[j]) for j in modes}
+        sigma = {j: float(r.sigma(j)) for j in modes}
+
+        # ---- validity: the fit explains the data, and the network agrees with it
+        reasons = [] if r.valid else [f"fit: {r.reason}"]
+        disagreement = {j: present[j] - float(net.coefficients[j]) for j in modes if j in net.coefficients}
+        far = {j: d for j, d in disagreement.items() if abs(d) > self.agreement_rad}
+        if far:
+            worst = ", ".join(f"Z{j} {d:+.2f} rad" for j, d in sorted(far.items(), key=lambda kv: -abs(kv[1])))
+            reasons.append(f"network and fit disagree beyond {self.agreement_rad:g} rad (fit - network: {worst}): "
+                           "the network is outside its domain")
+        if not net.valid:
+            reasons.append(f"network: {net.reason}")
+
+        # ---- diagnosis (with the null measured now and the bead's floor)
+        measured = null_depth(measurement.sections, measurement.background_photons)
+        floor = self.null_floor(r.bead_diameter_um)
+        found = dg.diagnose(r, self.settings, measured_null=measured if math.isfinite(measured) else None,
+                            wanted_null=self.wanted_null, floor=floor)
+        residual = Estimate.residual_of(present)
+
+        coefficients, uncertainty = present, sigma
+        s = float(r.slm_phase_scale)
+        compensated = bool(self.settings.refine.compensate_slm_scale and options.fit_slm_scale
+                           and math.isfinite(s) and 0.2 < s < 5.0)
+        if compensated:
+            coefficients = {j: v / s for j, v in present.items()}
+            uncertainty = {j: v / s for j, v in sigma.items()}
+        offset = r.mask_offset if options.fit_offset else net.mask_offset
+        extras = {
+            "refine": refine_summary(r),
+            "diagnoses": [diagnosis_dict(d) for d in found],
+            "network": {j: float(v) for j, v in net.coefficients.items()},
+            "disagreement": disagreement,
+            "measured_null": _plain(measured),
+            "null_floor": float(floor),
+            "slm_scale_compensated": compensated,
+        }
+        reason = "; ".join(reasons)
+        if reasons:
+            log.info("refined estimate invalid: %s", reason)
+        return Estimate(coefficients, None if offset is None else (float(offset[0]), float(offset[1])),
+                        uncertainty, not reasons, reason, self.name, residual_rms=residual, score=residual,
+                        extras=extras)
