@@ -27,11 +27,27 @@ from typing import Any
 from autoalign.calibration.diagnosis import is_at_floor, residual_within_crb
 
 __all__ = ["DiagnosisSummary", "PhysicsConvergence", "summarise_diagnoses", "is_converged_physics",
-           "FAULT_NAMES"]
+           "null_at_floor", "FAULT_NAMES", "LOWEST_PLAUSIBLE"]
 
 #: diagnoses that name a fault Zernike correction cannot fix (not ``unmodelled_aberration``, which
 #: says the model lacks something, nor ``at_bead_floor``, which is not a fault)
 FAULT_NAMES = ("polarisation_impurity", "slm_stroke", "orientation", "mask_offset", "bead_too_large")
+
+
+#: a measured null below this fraction of the bead's floor is not a deep null but a failed reading
+#: (an aberrated donut's dark spot off the centre, the quadratic refinement of a noisy minimum
+#: extrapolating below zero): e.g. 0.00 % measured through an 80 nm bead at 0.5 rad of aberration
+LOWEST_PLAUSIBLE = 0.5
+
+
+def null_at_floor(measured_null: float | None, floor: float | None, margin: float = 0.25,
+                  lowest: float = LOWEST_PLAUSIBLE) -> bool:
+    """True when the measured null is at the bead's floor: within ``margin`` above it
+    (:func:`calibration.diagnosis.is_at_floor`) and not below ``lowest`` x the floor (no correction
+    goes below the floor: a reading that low failed). None/NaN: False."""
+    if measured_null is None or floor is None or not (math.isfinite(measured_null) and math.isfinite(floor)):
+        return False
+    return bool(is_at_floor(float(measured_null), float(floor), margin) and measured_null >= lowest * floor)
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,13 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
     ``extras`` mapping, or a list of diagnoses (dicts or :class:`~calibration.diagnosis.Diagnosis`);
     ``measured_null``: the null now measured (the loop's definition); ``floor``: the bead's
     null floor (same definition); ``residual_rms``: the estimated residual (rad; default the
-    estimate's ``residual_rms``); ``margin``: relative margin of "at the floor".
+    estimate's ``residual_rms``); ``margin``: relative margin of "at the floor" (:func:`null_at_floor`).
 
     Choice: the named fault (:data:`FAULT_NAMES`) with the largest ``null_contribution``; when the
     fit does not explain the data (``unmodelled_aberration`` ranked first by ``diagnose``, i.e.
-    chi^2/dof too large) that finding instead; with no fault: ``unmodelled_aberration`` if found,
-    else ``at_bead_floor`` when the measured null is within ``margin`` of the floor, else ``none``.
+    chi^2/dof too large) and the null is not at the floor, that finding instead; with no fault:
+    ``at_bead_floor`` when the measured null is within ``margin`` of the floor, else
+    ``unmodelled_aberration`` if found, else ``none``.
     ``at_bead_floor`` findings in the input are ignored (recomputed from the arguments)."""
     found, _ = _extras(estimate_or_extras)
     if residual_rms is None:
@@ -100,6 +117,8 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
     if floor is not None and math.isfinite(floor):
         terms["bead_floor"] = float(floor)
     for d in faults:
+        if _field(d, "name") == "bead_too_large" and "bead_floor" in terms:
+            continue  # its contribution IS the bead's floor
         terms[str(_field(d, "name"))] = float(_field(d, "null_contribution", 0.0) or 0.0)
     if residual_rms is not None and math.isfinite(residual_rms):
         terms["residual_aberration"] = 1.0 - math.exp(-float(residual_rms) ** 2)
@@ -110,14 +129,15 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
         return DiagnosisSummary(str(_field(d, "name")), str(_field(d, "cause", "")), str(_field(d, "action", "")),
                                 terms)
 
+    at_floor = null_at_floor(measured_null, floor, margin)
     # diagnose() ranks unmodelled_aberration first only when the fit does not explain the data
-    # (chi^2/dof > CHI2_MAX: its other findings are then uncertain) or nothing else was found
-    if unmodelled and _field(items[0], "name") == "unmodelled_aberration":
+    # (chi^2/dof > CHI2_MAX: its other findings are then uncertain) or nothing else was found; a
+    # null at the bead's floor leaves nothing that matters to the model's lack
+    if unmodelled and _field(items[0], "name") == "unmodelled_aberration" and not at_floor:
         return pick(unmodelled[0])
     if faults:
         return pick(max(faults, key=lambda d: float(_field(d, "null_contribution", 0.0) or 0.0)))
-    at_floor = (measured_null is not None and floor is not None and is_at_floor(measured_null, floor, margin))
-    if at_floor:
+    if at_floor and measured_null is not None and floor is not None:
         return DiagnosisSummary(
             "at_bead_floor",
             f"the measured null ({100 * measured_null:.2f} %) is at the floor set by the bead ({100 * floor:.2f} %)",
@@ -152,24 +172,24 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     (``extras["refine"]["crb_residual_rms"]``); ``measured_null`` and ``floor``: the measured null
     and the bead's floor (:func:`calibration.diagnosis.null_floor`), same definition.
 
-    * at the floor (:func:`calibration.diagnosis.is_at_floor`, relative ``margin``): stop,
-      converged;
+    * at the floor (:func:`null_at_floor`: :func:`calibration.diagnosis.is_at_floor` with the
+      relative ``margin``, and not implausibly below the floor): stop, converged;
     * residual within ``factor`` x its bound (:func:`calibration.diagnosis.residual_within_crb`)
       but the null above the floor: stop, NOT converged (something Zernike correction does not fix
       fills the null: see :func:`summarise_diagnoses`);
     * otherwise: go on. Unknown (None/NaN) inputs make their test False."""
-    ok = lambda v: v is not None and math.isfinite(float(v))  # noqa: E731
-    at_floor = bool(ok(measured_null) and ok(floor) and is_at_floor(float(measured_null), float(floor), margin))
-    within = bool(ok(residual_rms) and ok(crb_rms) and residual_within_crb(float(residual_rms), float(crb_rms), factor))
+    nan = float("nan")
+    res, crb = (nan if v is None else float(v) for v in (residual_rms, crb_rms))
+    null, fl = (nan if v is None else float(v) for v in (measured_null, floor))
+    at_floor = null_at_floor(null, fl, margin)
+    within = residual_within_crb(res, crb, factor)
     if at_floor:
-        reason = (f"measured null {100 * float(measured_null):.2f} % at the bead's floor "
-                  f"{100 * float(floor):.2f} % (+{100 * margin:.0f} %)")
+        reason = f"measured null {100 * null:.2f} % at the bead's floor {100 * fl:.2f} % (+{100 * margin:.0f} %)"
     elif within:
-        reason = (f"estimated residual {float(residual_rms):.3f} rad within {factor:g} x its Cramér–Rao bound "
-                  f"({float(crb_rms):.3f} rad)")
-        if ok(measured_null) and ok(floor):
-            reason += (f", but the measured null {100 * float(measured_null):.2f} % is above the bead's floor "
-                       f"{100 * float(floor):.2f} %: not converged")
+        reason = f"estimated residual {res:.3f} rad within {factor:g} x its Cramér–Rao bound ({crb:.3f} rad)"
+        if math.isfinite(null) and math.isfinite(fl):
+            reason += (f", but the measured null {100 * null:.2f} % is not at the bead's floor {100 * fl:.2f} %: "
+                       "not converged")
     else:
         reason = ""
     return PhysicsConvergence(converged=at_floor, stop=at_floor or within, at_floor=at_floor, within_crb=within,

@@ -21,7 +21,8 @@ The :class:`~autoalign.estimator.Estimate` returned:
   ``slm.grey_level_2pi`` as the ``slm_stroke`` diagnosis says);
 * ``mask_offset``: the fit's offset present (pupil radii; the network's when the offset is not fitted);
 * ``uncertainty``: 1 sigma per mode from the inverse Fisher information;
-* ``valid``: the fit explains the data (chi^2/dof <= ``CHI2_MAX``, no structured residual) AND the
+* ``valid``: the fit explains the data (chi^2/dof <= ``CHI2_MAX``, no structured residual at
+  p < ``refine.structure_p``, see :func:`fit_problems`) AND the
   network agrees with the fit within ``refine.agreement_rad`` on every mode (the network is in its
   domain); ``reason`` says which failed and by how much;
 * ``residual_rms`` and ``score``: the RMS of the fitted aberration present (Noll >= 5), a
@@ -44,13 +45,14 @@ from typing import Any
 from autoalign.calibration import diagnosis as dg
 from autoalign.calibration.metrics import null_depth
 from autoalign.calibration.refine import RefineOptions, RefineResult, RefineStart, refine
+from autoalign.calibration.verdict import LOWEST_PLAUSIBLE
 from autoalign.estimator import Estimate, Estimator, MeasurementLike, ProbeHost
 from autoalign.models.estimator import CNNEstimator
 from autoalign.settings import Settings
 
 log = logging.getLogger("autoalign.models.refined")
 
-__all__ = ["RefinedEstimator", "refine_options", "diagnosis_dict", "refine_summary"]
+__all__ = ["RefinedEstimator", "refine_options", "fit_problems", "diagnosis_dict", "refine_summary"]
 
 
 def refine_options(settings: Settings, modes: list[int] | None = None) -> RefineOptions:
@@ -64,6 +66,21 @@ def refine_options(settings: Settings, modes: list[int] | None = None) -> Refine
     if r.plane_offsets_um is not None:
         kw["plane_offsets_um"] = tuple(float(z) for z in r.plane_offsets_um)
     return RefineOptions(**kw)
+
+
+def fit_problems(r: RefineResult, structure_p: float) -> list[str]:
+    """Why a fit does not explain the data: ``r.reason``'s findings, with the structured-residual
+    test at the threshold ``structure_p`` instead of ``calibration.refine.STRUCTURE_P`` (1e-4).
+
+    At convergence (a donut at the bead's floor, the deepest null) clean fits of the default
+    64-px microscope reach p ~ 1e-6..1e-4 at 32 pupil nodes (the fit's quadrature vs the
+    microscope's 64 nodes and its 8-bit pixelated SLM), which would refuse every converged
+    measurement; a missing aberration of 0.3 rad gives p ~ 0 and chi^2/dof ~ 5."""
+    out = [why for why in (r.reason.split("; ") if r.reason else []) if not why.startswith("structured residual")]
+    if r.structure_p < structure_p:
+        out.append(f"structured residual (p = {r.structure_p:.1e} at {r.structure_block_px}x{r.structure_block_px} "
+                   f"px blocks)")
+    return out
 
 
 def _plain(x: float) -> float | None:
@@ -130,6 +147,7 @@ class RefinedEstimator(Estimator):
         if not self.agreement_rad > 0:
             raise ValueError(f"RefinedEstimator: agreement_rad = {agreement_rad!r}: expected > 0 (radians)")
         self.wanted_null = wanted_null
+        self.structure_p = float(settings.refine.structure_p)
         self.host: ProbeHost | None = None
         self.last_result: RefineResult | None = None
         self._misregistration = (0.0, 0.0)  # warm start of the offset when the network does not read it
@@ -199,7 +217,7 @@ class RefinedEstimator(Estimator):
         sigma = {j: float(r.sigma(j)) for j in modes}
 
         # ---- validity: the fit explains the data, and the network agrees with it
-        reasons = [] if r.valid else [f"fit: {r.reason}"]
+        reasons = [f"fit: {why}" for why in fit_problems(r, self.structure_p)]
         disagreement = {j: present[j] - float(net.coefficients[j]) for j in modes if j in net.coefficients}
         far = {j: d for j, d in disagreement.items() if abs(d) > self.agreement_rad}
         if far:
@@ -212,7 +230,8 @@ class RefinedEstimator(Estimator):
         # ---- diagnosis (with the null measured now and the bead's floor)
         measured = null_depth(measurement.sections, measurement.background_photons)
         floor = self.null_floor(r.bead_diameter_um)
-        found = dg.diagnose(r, self.settings, measured_null=measured if math.isfinite(measured) else None,
+        plausible = math.isfinite(measured) and measured >= LOWEST_PLAUSIBLE * floor  # see null_at_floor
+        found = dg.diagnose(r, self.settings, measured_null=measured if plausible else None,
                             wanted_null=self.wanted_null, floor=floor)
         residual = Estimate.residual_of(present)
 
