@@ -27,7 +27,7 @@ from typing import Any
 from autoalign.calibration.diagnosis import is_at_floor, residual_within_crb
 
 __all__ = ["DiagnosisSummary", "PhysicsConvergence", "summarise_diagnoses", "is_converged_physics",
-           "null_at_floor", "FAULT_NAMES", "LOWEST_PLAUSIBLE"]
+           "null_at_floor", "FAULT_NAMES", "LOWEST_PLAUSIBLE", "FLOOR_RESIDUAL_RAD"]
 
 #: diagnoses that name a fault Zernike correction cannot fix (not ``unmodelled_aberration``, which
 #: says the model lacks something, nor ``at_bead_floor``, which is not a fault)
@@ -40,12 +40,24 @@ FAULT_NAMES = ("polarisation_impurity", "slm_stroke", "orientation", "mask_offse
 LOWEST_PLAUSIBLE = 0.5
 
 
+#: the largest estimated residual (rad RMS) at which a null at the floor counts (as
+#: ``loop.converged_rms_rad``): through an 80 nm bead a donut with 1 rad of aberration can read a
+#: null at the floor (the dark spot moves, the bead fills it anyway), measured on the simulated
+#: microscope (benchmarks/refined_loop.py, 1.0 rad: 4 of 6 first stacks)
+FLOOR_RESIDUAL_RAD = 0.05
+
+
 def null_at_floor(measured_null: float | None, floor: float | None, margin: float = 0.25,
-                  lowest: float = LOWEST_PLAUSIBLE) -> bool:
+                  lowest: float = LOWEST_PLAUSIBLE, residual_rms: float | None = None,
+                  max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> bool:
     """True when the measured null is at the bead's floor: within ``margin`` above it
-    (:func:`calibration.diagnosis.is_at_floor`) and not below ``lowest`` x the floor (no correction
-    goes below the floor: a reading that low failed). None/NaN: False."""
+    (:func:`calibration.diagnosis.is_at_floor`), not below ``lowest`` x the floor (no correction
+    goes below the floor: a reading that low failed) and, when the estimated ``residual_rms`` is
+    given, that residual at most ``max_residual_rad`` (an aberrated donut seen through a bead can
+    read a null at the floor). None/NaN null or floor: False."""
     if measured_null is None or floor is None or not (math.isfinite(measured_null) and math.isfinite(floor)):
+        return False
+    if residual_rms is not None and not (math.isfinite(residual_rms) and residual_rms <= max_residual_rad):
         return False
     return bool(is_at_floor(float(measured_null), float(floor), margin) and measured_null >= lowest * floor)
 
@@ -91,14 +103,14 @@ def _extras(source: Any) -> tuple[list[Any], Mapping[str, Any]]:
 
 def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = None,
                         floor: float | None = None, residual_rms: float | None = None,
-                        margin: float = 0.25) -> DiagnosisSummary:
+                        margin: float = 0.25, max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> DiagnosisSummary:
     """The dominant finding of an estimate's diagnoses, for the loop's stop reason.
 
     ``estimate_or_extras``: an :class:`~autoalign.estimator.Estimate` of the refined estimator, its
     ``extras`` mapping, or a list of diagnoses (dicts or :class:`~calibration.diagnosis.Diagnosis`);
     ``measured_null``: the null now measured (the loop's definition); ``floor``: the bead's
     null floor (same definition); ``residual_rms``: the estimated residual (rad; default the
-    estimate's ``residual_rms``); ``margin``: relative margin of "at the floor" (:func:`null_at_floor`).
+    estimate's ``residual_rms``); ``margin`` and ``max_residual_rad``: what "at the floor" means (:func:`null_at_floor`).
 
     Choice: the named fault (:data:`FAULT_NAMES`) with the largest ``null_contribution``; when the
     fit does not explain the data (``unmodelled_aberration`` ranked first by ``diagnose``, i.e.
@@ -129,7 +141,7 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
         return DiagnosisSummary(str(_field(d, "name")), str(_field(d, "cause", "")), str(_field(d, "action", "")),
                                 terms)
 
-    at_floor = null_at_floor(measured_null, floor, margin)
+    at_floor = null_at_floor(measured_null, floor, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad)
     # diagnose() ranks unmodelled_aberration first only when the fit does not explain the data
     # (chi^2/dof > CHI2_MAX: its other findings are then uncertain) or nothing else was found; a
     # null at the bead's floor leaves nothing that matters to the model's lack
@@ -164,7 +176,8 @@ class PhysicsConvergence:
 
 
 def is_converged_physics(residual_rms: float | None, crb_rms: float | None, measured_null: float | None,
-                         floor: float | None, factor: float = 2.0, margin: float = 0.25) -> PhysicsConvergence:
+                         floor: float | None, factor: float = 2.0, margin: float = 0.25,
+                         max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> PhysicsConvergence:
     """Stop against physics (issue 13 item 4).
 
     ``residual_rms``: the estimated residual (rad RMS, Noll >= 5, e.g. the refined estimate's
@@ -173,7 +186,8 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     and the bead's floor (:func:`calibration.diagnosis.null_floor`), same definition.
 
     * at the floor (:func:`null_at_floor`: :func:`calibration.diagnosis.is_at_floor` with the
-      relative ``margin``, and not implausibly below the floor): stop, converged;
+      relative ``margin``, not implausibly below the floor, and the residual, when known, at most
+      ``max_residual_rad``): stop, converged;
     * residual within ``factor`` x its bound (:func:`calibration.diagnosis.residual_within_crb`)
       but the null above the floor: stop, NOT converged (something Zernike correction does not fix
       fills the null: see :func:`summarise_diagnoses`);
@@ -181,7 +195,7 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     nan = float("nan")
     res, crb = (nan if v is None else float(v) for v in (residual_rms, crb_rms))
     null, fl = (nan if v is None else float(v) for v in (measured_null, floor))
-    at_floor = null_at_floor(null, fl, margin)
+    at_floor = null_at_floor(null, fl, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad)
     within = residual_within_crb(res, crb, factor)
     if at_floor:
         reason = f"measured null {100 * null:.2f} % at the bead's floor {100 * fl:.2f} % (+{100 * margin:.0f} %)"

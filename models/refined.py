@@ -45,7 +45,7 @@ from typing import Any
 from autoalign.calibration import diagnosis as dg
 from autoalign.calibration.metrics import null_depth
 from autoalign.calibration.refine import RefineOptions, RefineResult, RefineStart, refine
-from autoalign.calibration.verdict import LOWEST_PLAUSIBLE
+from autoalign.calibration.verdict import FLOOR_RESIDUAL_RAD, LOWEST_PLAUSIBLE
 from autoalign.estimator import Estimate, Estimator, MeasurementLike, ProbeHost
 from autoalign.models.estimator import CNNEstimator
 from autoalign.settings import Settings
@@ -230,10 +230,11 @@ class RefinedEstimator(Estimator):
         # ---- diagnosis (with the null measured now and the bead's floor)
         measured = null_depth(measurement.sections, measurement.background_photons)
         floor = self.null_floor(r.bead_diameter_um)
-        plausible = math.isfinite(measured) and measured >= LOWEST_PLAUSIBLE * floor  # see null_at_floor
+        residual = Estimate.residual_of(present)
+        # "at the bead's floor" only for a plausible null of a corrected donut (see null_at_floor)
+        plausible = math.isfinite(measured) and measured >= LOWEST_PLAUSIBLE * floor and residual <= FLOOR_RESIDUAL_RAD
         found = dg.diagnose(r, self.settings, measured_null=measured if plausible else None,
                             wanted_null=self.wanted_null, floor=floor)
-        residual = Estimate.residual_of(present)
 
         coefficients, uncertainty = present, sigma
         s = float(r.slm_phase_scale)

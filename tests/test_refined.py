@@ -135,7 +135,7 @@ def test_the_registry_builds_refined(small):
 def test_refine_settings_are_optional_and_checked():
     data = load_settings().to_dict()
     data.pop("refine")
-    assert settings_from_dict(data).refine.agreement_rad == 0.25
+    assert settings_from_dict(data).refine.agreement_rad == 0.4
     data["refine"] = {"pupil_samples": 4}
     with pytest.raises(SettingsError, match="refine.pupil_samples"):
         settings_from_dict(data)
@@ -182,3 +182,7 @@ def test_physics_stop_rule():
     # a reading far below the bead's floor failed (no correction goes below it): not converged
     assert not vd.is_converged_physics(0.3, 0.004, measured_null=0.0, floor=0.048)
     assert vd.null_at_floor(0.03, 0.048) and not vd.null_at_floor(0.02, 0.048)
+    # an aberrated donut seen through the bead can read a null at the floor: not converged
+    assert not vd.is_converged_physics(0.8, 0.004, measured_null=0.05, floor=0.048)
+    assert vd.is_converged_physics(0.04, 0.004, measured_null=0.05, floor=0.048)
+    assert vd.summarise_diagnoses([], measured_null=0.05, floor=0.048, residual_rms=0.8).name == "none"
