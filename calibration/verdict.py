@@ -177,7 +177,7 @@ class PhysicsConvergence:
 
 def is_converged_physics(residual_rms: float | None, crb_rms: float | None, measured_null: float | None,
                          floor: float | None, factor: float = 2.0, margin: float = 0.25,
-                         max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> PhysicsConvergence:
+                         max_residual_rad: float = FLOOR_RESIDUAL_RAD, diagnoses: Any = None) -> PhysicsConvergence:
     """Stop against physics (issue 13 item 4).
 
     ``residual_rms``: the estimated residual (rad RMS, Noll >= 5, e.g. the refined estimate's
@@ -191,6 +191,11 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     * residual within ``factor`` x its bound (:func:`calibration.diagnosis.residual_within_crb`)
       but the null above the floor: stop, NOT converged (something Zernike correction does not fix
       fills the null: see :func:`summarise_diagnoses`);
+    * a named fault (:data:`FAULT_NAMES`) among ``diagnoses`` (an estimate, its extras or a list,
+      as :func:`summarise_diagnoses` takes) forbids ``converged`` (the stop still holds): through
+      an 80 nm bead (floor 4.8 %) a 2 % wrong-hand fault reads a null within the 25 % margin,
+      measured on the simulated microscope (``benchmarks/refined_loop.py --fault
+      wrong_hand_fraction=0.02``);
     * otherwise: go on. Unknown (None/NaN) inputs make their test False."""
     nan = float("nan")
     res, crb = (nan if v is None else float(v) for v in (residual_rms, crb_rms))
@@ -202,10 +207,17 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     elif within:
         reason = f"estimated residual {res:.3f} rad within {factor:g} x its Cramér–Rao bound ({crb:.3f} rad)"
         if math.isfinite(null) and math.isfinite(fl):
-            reason += (f", but the measured null {100 * null:.2f} % is not at the bead's floor {100 * fl:.2f} %: "
-                       "not converged")
+            reason += f", but the measured null {100 * null:.2f} % is not at the bead's floor {100 * fl:.2f} %"
     else:
         reason = ""
-    return PhysicsConvergence(converged=at_floor, stop=at_floor or within, at_floor=at_floor, within_crb=within,
-                              reason=reason)
+    found, _ = _extras(diagnoses)
+    fault = next((d for d in found if _field(d, "name") in FAULT_NAMES), None)
+    converged = at_floor and fault is None
+    if fault is not None and (at_floor or within):
+        summary = summarise_diagnoses(found, measured_null, floor, residual_rms, margin, max_residual_rad)
+        reason += f"; not converged: {summary}"
+    elif within and not at_floor:
+        reason += ": not converged"
+    return PhysicsConvergence(converged=converged, stop=at_floor or within, at_floor=at_floor,
+                              within_crb=within, reason=reason)
 

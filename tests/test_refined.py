@@ -186,3 +186,7 @@ def test_physics_stop_rule():
     assert not vd.is_converged_physics(0.8, 0.004, measured_null=0.05, floor=0.048)
     assert vd.is_converged_physics(0.04, 0.004, measured_null=0.05, floor=0.048)
     assert vd.summarise_diagnoses([], measured_null=0.05, floor=0.048, residual_rms=0.8).name == "none"
+    # a named fault forbids success even at the floor's margin; the stop says why
+    faulty = vd.is_converged_physics(0.01, 0.004, 0.055, 0.048, diagnoses=[_d("polarisation_impurity", 0.02,
+                                                                              "wrong hand", "rotate the plate")])
+    assert faulty.stop and not faulty.converged and "wrong hand: rotate the plate" in faulty.reason
