@@ -103,7 +103,8 @@ def _extras(source: Any) -> tuple[list[Any], Mapping[str, Any]]:
 
 def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = None,
                         floor: float | None = None, residual_rms: float | None = None,
-                        margin: float = 0.25, max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> DiagnosisSummary:
+                        margin: float = 0.25,
+                        max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> DiagnosisSummary:
     """The dominant finding of an estimate's diagnoses, for the loop's stop reason.
 
     ``estimate_or_extras``: an :class:`~autoalign.estimator.Estimate` of the refined estimator, its
