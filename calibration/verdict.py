@@ -111,7 +111,8 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
     ``extras`` mapping, or a list of diagnoses (dicts or :class:`~calibration.diagnosis.Diagnosis`);
     ``measured_null``: the null now measured (the loop's definition); ``floor``: the bead's
     null floor (same definition); ``residual_rms``: the estimated residual (rad; default the
-    estimate's ``residual_rms``); ``margin`` and ``max_residual_rad``: what "at the floor" means (:func:`null_at_floor`).
+    estimate's ``residual_rms``); ``margin`` and ``max_residual_rad``: what "at the floor" means
+    (:func:`null_at_floor`).
 
     Choice: the named fault (:data:`FAULT_NAMES`) with the largest ``null_contribution``; when the
     fit does not explain the data (``unmodelled_aberration`` ranked first by ``diagnose``, i.e.
