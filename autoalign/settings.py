@@ -284,7 +284,6 @@ class RefineSettings:
     uncertainties: bool = _f(True)                 # Fisher information (1 sigma per mode, CRB)
     agreement_rad: float = _f(0.4, gt=0.0)         # largest |fit - network| per mode of a valid estimate
     structure_p: float = _f(1e-8, gt=0.0, lt=1.0)  # structured-residual p below which a fit is invalid
-    compensate_slm_scale: bool = _f(False)         # report the Zernike part / fitted stroke (needs fit_slm_scale)
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,17 @@ Per measurement (:meth:`RefinedEstimator.estimate`):
 
 The :class:`~autoalign.estimator.Estimate` returned:
 
-* ``coefficients``: the fit's aberration present ({Noll: rad}, the fit's modes; the loop applies
-  minus gain times them); with ``refine.compensate_slm_scale`` and a fitted stroke ``s``, divided by
-  ``s`` (the SLM then delivers the full correction; the vortex's own stroke error remains: set
-  ``slm.grey_level_2pi`` as the ``slm_stroke`` diagnosis says);
+* ``coefficients``: the aberration present as the correction sees it ({Noll: rad}, the fit's
+  modes; the loop applies minus gain times them): the fitted hidden aberration ``A`` plus the
+  commanded correction ``C``. With a fitted SLM stroke ``s`` (``refine.fit_slm_scale``) this is
+  NOT the fit's ``s C + A``: the SLM wraps the phase before the stroke scales it, so it delivers
+  the full commanded phase minus a sawtooth ``(1 - s) wrap(V + C)`` that no Zernike correction
+  removes (the stroke's own knob: ``slm.grey_level_2pi``, as the ``slm_stroke`` diagnosis says);
 * ``mask_offset``: the fit's offset present (pupil radii; the network's when the offset is not fitted);
 * ``uncertainty``: 1 sigma per mode from the inverse Fisher information;
 * ``valid``: the fit explains the data (chi^2/dof <= ``CHI2_MAX``, no structured residual at
-  p < ``refine.structure_p``, see :func:`fit_problems`) AND the
+  p < ``refine.structure_p``, see :func:`fit_problems`, unless chi^2 is fine and a fitted fault
+  with sharp edges, the stroke or the mask offset, was found: ``extras["structure_attributed_to"]``) AND the
   network agrees with the fit within ``refine.agreement_rad`` on every mode (the network is in its
   domain); ``reason`` says which failed and by how much;
 * ``residual_rms`` and ``score``: the RMS of the fitted aberration present (Noll >= 5), a
@@ -44,7 +47,7 @@ from typing import Any
 
 from autoalign.calibration import diagnosis as dg
 from autoalign.calibration.metrics import null_depth
-from autoalign.calibration.refine import RefineOptions, RefineResult, RefineStart, refine
+from autoalign.calibration.refine import CHI2_MAX, RefineOptions, RefineResult, RefineStart, refine
 from autoalign.calibration.verdict import FLOOR_RESIDUAL_RAD, LOWEST_PLAUSIBLE
 from autoalign.estimator import Estimate, Estimator, MeasurementLike, ProbeHost
 from autoalign.models.estimator import CNNEstimator
@@ -66,6 +69,11 @@ def refine_options(settings: Settings, modes: list[int] | None = None) -> Refine
     if r.plane_offsets_um is not None:
         kw["plane_offsets_um"] = tuple(float(z) for z in r.plane_offsets_um)
     return RefineOptions(**kw)
+
+
+#: fitted faults whose sharp edges the fit's quadrature resolves coarsely (structure they leave,
+#: with chi^2/dof fine, does not invalidate the estimate; as ``calibration.diagnosis.diagnose`` ranks)
+SHARP_EDGED_FAULTS = ("slm_stroke", "mask_offset")
 
 
 def fit_problems(r: RefineResult, structure_p: float) -> list[str]:
@@ -213,19 +221,13 @@ class RefinedEstimator(Estimator):
         self.last_result = r
         if options.fit_offset and all(math.isfinite(v) for v in r.misregistration):
             self._misregistration = (float(r.misregistration[0]), float(r.misregistration[1]))
-        present = {j: float(r.coefficients[j]) for j in modes}
+        # the aberration present as a correction must see it: hidden + commanded, NOT the fit's
+        # s C + A. The SLM wraps its phase before the stroke s scales it, and modulo 2 pi
+        # s wrap(x) = x - (1 - s) wrap(x): it delivers the full commanded phase minus a sawtooth
+        # (1 - s) wrap(V + C) that no Zernike correction removes (the stroke's knob is
+        # slm.grey_level_2pi). With s = 1 both are the same.
+        present = {j: float(r.aberration[j]) + float(commanded.get(j, 0.0)) for j in modes}
         sigma = {j: float(r.sigma(j)) for j in modes}
-
-        # ---- validity: the fit explains the data, and the network agrees with it
-        reasons = [f"fit: {why}" for why in fit_problems(r, self.structure_p)]
-        disagreement = {j: present[j] - float(net.coefficients[j]) for j in modes if j in net.coefficients}
-        far = {j: d for j, d in disagreement.items() if abs(d) > self.agreement_rad}
-        if far:
-            worst = ", ".join(f"Z{j} {d:+.2f} rad" for j, d in sorted(far.items(), key=lambda kv: -abs(kv[1])))
-            reasons.append(f"network and fit disagree beyond {self.agreement_rad:g} rad (fit - network: {worst}): "
-                           "the network is outside its domain")
-        if not net.valid:
-            reasons.append(f"network: {net.reason}")
 
         # ---- diagnosis (with the null measured now and the bead's floor)
         measured = null_depth(measurement.sections, measurement.background_photons)
@@ -236,13 +238,25 @@ class RefinedEstimator(Estimator):
         found = dg.diagnose(r, self.settings, measured_null=measured if plausible else None,
                             wanted_null=self.wanted_null, floor=floor)
 
+        # ---- validity: the fit explains the data, and the network agrees with it
+        problems = fit_problems(r, self.structure_p)
+        edged = [d.name for d in found if d.name in SHARP_EDGED_FAULTS]
+        attributed = None
+        if edged and r.chi2_per_dof <= CHI2_MAX and all(p.startswith("structured residual") for p in problems):
+            # as diagnose(): a fitted fault with sharp edges (the stroke's wraps, the SLM's shifted
+            # pupil circle) leaves structure at the fit's quadrature resolution; chi^2 is fine
+            attributed, problems = edged[0], []
+        reasons = [f"fit: {why}" for why in problems]
+        disagreement = {j: present[j] - float(net.coefficients[j]) for j in modes if j in net.coefficients}
+        far = {j: d for j, d in disagreement.items() if abs(d) > self.agreement_rad}
+        if far:
+            worst = ", ".join(f"Z{j} {d:+.2f} rad" for j, d in sorted(far.items(), key=lambda kv: -abs(kv[1])))
+            reasons.append(f"network and fit disagree beyond {self.agreement_rad:g} rad (fit - network: {worst}): "
+                           "the network is outside its domain")
+        if not net.valid:
+            reasons.append(f"network: {net.reason}")
+
         coefficients, uncertainty = present, sigma
-        s = float(r.slm_phase_scale)
-        compensated = bool(self.settings.refine.compensate_slm_scale and options.fit_slm_scale
-                           and math.isfinite(s) and 0.2 < s < 5.0)
-        if compensated:
-            coefficients = {j: v / s for j, v in present.items()}
-            uncertainty = {j: v / s for j, v in sigma.items()}
         offset = r.mask_offset if options.fit_offset else net.mask_offset
         extras = {
             "refine": refine_summary(r),
@@ -251,7 +265,7 @@ class RefinedEstimator(Estimator):
             "disagreement": disagreement,
             "measured_null": _plain(measured),
             "null_floor": float(floor),
-            "slm_scale_compensated": compensated,
+            "structure_attributed_to": attributed,
         }
         reason = "; ".join(reasons)
         if reasons:

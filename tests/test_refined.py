@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from autoalign.app.estimators import ESTIMATORS, make_estimator
+from autoalign.calibration import diagnosis as dg
 from autoalign.calibration import donut
 from autoalign.calibration import verdict as vd
 from autoalign.calibration.measurement import analyse_stack
@@ -45,6 +46,23 @@ class _Bias:
                                mask_offset=None)
 
 
+class _Stroked:
+    """The aberration present, as the correction sees it, when the SLM delivers ``scale`` x its
+    wrapped phase: hidden + commanded (see the stroke test; the oracle's read-back would also
+    count the vortex's own stroke error, which no Zernike correction removes), plus noise."""
+
+    def __init__(self, microscope, commanded, scale, noise_rad, seed, modes=tuple(range(5, 16))):
+        self.mic, self.commanded, self.scale, self.modes = microscope, commanded, scale, list(modes)
+        self.noise, self.rng = noise_rad, np.random.default_rng(seed)
+
+    def present(self):
+        return {j: float(self.mic.aberration[j - 1]) + self.commanded.get(j, 0.0) for j in self.modes}
+
+    def predict(self, sections):
+        return SimpleNamespace(coefficients={j: v + self.noise * self.rng.normal() for j, v in self.present().items()},
+                               mask_offset=None)
+
+
 def estimate(settings, correction=None, seed=7, noise_rad=0.05, bias=None, **faults):
     """One stack of the simulated microscope with hidden ``faults`` showing vortex + ``correction``,
     the refined estimate (the host's correction is what the SLM shows) and the truth: the
@@ -54,13 +72,20 @@ def estimate(settings, correction=None, seed=7, noise_rad=0.05, bias=None, **fau
         dev.slm.show(donut.build_pupil_phase(settings, correction, donut.slm_grid(dev.slm, settings)))
         m = analyse_stack(acquire_stack(dev.camera, dev.focus, settings), settings)
         assert m.valid, m.reason
-        predictor = OraclePredictor(dev.microscope, noise_rad=noise_rad, seed=seed)
+        stroke = faults.get("slm_phase_scale", 1.0)
+        if stroke != 1.0:
+            predictor = _Stroked(dev.microscope, correction.coefficients, stroke, noise_rad, seed)
+        else:
+            predictor = OraclePredictor(dev.microscope, noise_rad=noise_rad, seed=seed)
         if bias:
             predictor = _Bias(predictor, bias)
         est = RefinedEstimator(settings, network=CNNEstimator(settings, predictor))
         est.attach(SimpleNamespace(correction=correction, settings=settings))
         e = est.estimate(m)
-        truth = {j: float(dev.microscope.residual_coefficients()[j - 1]) for j in est.modes}
+        if stroke != 1.0:
+            truth = predictor.present()
+        else:
+            truth = {j: float(dev.microscope.residual_coefficients()[j - 1]) for j in est.modes}
         return e, truth, dev.microscope
 
 
@@ -190,3 +215,37 @@ def test_physics_stop_rule():
     faulty = vd.is_converged_physics(0.01, 0.004, 0.055, 0.048, diagnoses=[_d("polarisation_impurity", 0.02,
                                                                               "wrong hand", "rotate the plate")])
     assert faulty.stop and not faulty.converged and "wrong hand: rotate the plate" in faulty.reason
+
+
+def test_a_wrong_stroke_is_read_and_the_step_is_the_one_that_wraps_right(small):
+    """The SLM delivers 80 % of the commanded phase, wrapped first (as grey levels are). Modulo
+    2 pi, s wrap(x) = x - (1 - s) wrap(x): the SLM delivers the full commanded phase minus a
+    sawtooth no correction removes. So the right step subtracts hidden + commanded (what the
+    estimate reports), not the fit's s C + A: after it only the vortex's own stroke error
+    ``stroke_residual_rms(0.8)`` is left (honest delivered-phase metric), while the s C + A step
+    leaves (1 - s) C on top."""
+    s = small.replace(**{"simulation.aberration_rms_rad": 0.5, "refine.fit_slm_scale": True})
+    before = Correction({6: 0.4, 8: -0.3, 11: 0.2})
+    e, truth, _ = estimate(s, before, seed=11, slm_phase_scale=0.8)
+    assert e.valid, e.reason  # chi^2 fine; the structure the stroke's wraps leave is attributed to it
+    assert e.extras["structure_attributed_to"] == "slm_stroke"
+    scale = e.extras["refine"]["slm_phase_scale"]
+    assert scale == pytest.approx(0.8, abs=0.03)
+    assert [d["name"] for d in e.extras["diagnoses"]][0] == "slm_stroke"
+    assert rms_error(e.coefficients, truth) < 0.03  # truth here: hidden + commanded
+    fitted_present = {j: v - (1 - scale) * before.coefficients.get(j, 0.0) for j, v in e.coefficients.items()}
+
+    def residual_after(coefficients):
+        """The honest residual (delivered phase + hidden aberration vs the ideal vortex, wraps and
+        stroke included) after one full step ``before - coefficients``."""
+        step = Correction({j: before.coefficients.get(j, 0.0) - coefficients.get(j, 0.0)
+                           for j in set(before.coefficients) | set(coefficients)})
+        with open_devices(s, seed=11, slm_phase_scale=0.8) as dev:
+            dev.slm.show(donut.build_pupil_phase(s, step, donut.slm_grid(dev.slm, s)))
+            return dev.microscope.true_residual_rms()
+
+    ours, scaled = residual_after(e.coefficients), residual_after(fitted_present)
+    vortex = dg.stroke_residual_rms(0.8)
+    left = 0.2 * math.sqrt(sum(v * v for j, v in before.coefficients.items()))  # (1 - s) C
+    assert ours == pytest.approx(vortex, rel=0.15)
+    assert scaled == pytest.approx(math.hypot(vortex, left), rel=0.15) and ours < scaled
