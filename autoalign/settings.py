@@ -283,7 +283,7 @@ class RefineSettings:
     fit_slm_scale: bool = _f(False)                # fit the SLM's phase stroke (LUT / grey level for 2 pi)
     uncertainties: bool = _f(True)                 # Fisher information (1 sigma per mode, CRB)
     agreement_rad: float = _f(0.4, gt=0.0)         # largest |fit - network| per mode of a valid estimate
-    structure_p: float = _f(1e-8, gt=0.0, lt=1.0)  # structured-residual p below which a fit is invalid
+    structure_p: float = _f(1e-12, gt=0.0, lt=1.0)  # structured-residual p below which a fit is invalid
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,9 @@ def fit_problems(r: RefineResult, structure_p: float) -> list[str]:
     test at the threshold ``structure_p`` instead of ``calibration.refine.STRUCTURE_P`` (1e-4).
 
     At convergence (a donut at the bead's floor, the deepest null) clean fits of the default
-    64-px microscope reach p ~ 1e-6..1e-4 at 32 pupil nodes (the fit's quadrature vs the
-    microscope's 64 nodes and its 8-bit pixelated SLM), which would refuse every converged
-    measurement; a missing aberration of 0.3 rad gives p ~ 0 and chi^2/dof ~ 5."""
+    64-px microscope reach p ~ 1e-6..1e-4 at 32 pupil nodes and down to 7e-8 at 48 (the
+    microscope's 8-bit pixelated SLM, the bead model, at the deepest null), which would refuse
+    converged measurements; a missing aberration of 0.3 rad gives p ~ 0 and chi^2/dof ~ 5."""
     out = [why for why in (r.reason.split("; ") if r.reason else []) if not why.startswith("structured residual")]
     if r.structure_p < structure_p:
         out.append(f"structured residual (p = {r.structure_p:.1e} at {r.structure_block_px}x{r.structure_block_px} "
