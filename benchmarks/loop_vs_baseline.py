@@ -14,7 +14,9 @@ stacks counted are ``AlignmentLoop.stacks_acquired`` (every acquisition, the pro
 Reported: per trial and median, the stacks at which the true residual first fell to <= 0.5, 0.3,
 0.15, 0.1, 0.05 rad, and the ratio baseline / CNN per level (inf: not reached).
 
-``--characterise``: the metric study of ``docs/baseline.md`` instead (curvature per mode and bias
+``--small``: the 32-px test optics (a quick check of the baselines; the CNN needs the default
+optics). ``--combine A.json B.json``: the tables of earlier runs together (e.g. two batches of
+seeds). ``--characterise``: the metric study of ``docs/baseline.md`` instead (curvature per mode and bias
 on the noise-free ideal donut, and the metrics' noise on repeated noisy stacks).
 """
 from __future__ import annotations
@@ -108,6 +110,54 @@ def characterise(settings, biases=(0.3, 0.6, 1.0), repeats: int = 8) -> dict:
     return out
 
 
+def ratio(baseline: float, cnn: float) -> float:
+    """baseline / CNN stacks (inf: the baseline never got there; NaN: the CNN did not either)."""
+    if not np.isfinite(cnn) or cnn <= 0:
+        return float("nan")
+    return baseline / cnn if np.isfinite(baseline) else float("inf")
+
+
+def report(results: dict, correctors: list[str], predictor: str = "model") -> None:
+    """Print per-trial and median stacks to each level, and the median ratios to the CNN."""
+    label = {"model": "CNN" if predictor == "model" else "ORACLE", "2n+1": "2N+1", "n+1": "N+1"}
+    for corrector in correctors:
+        r = results[corrector]
+        start = [rows[0][1] for rows in r["rows"]]
+        final = [rows[-1][1] for rows in r["rows"]]
+        print(f"\n{label[corrector]} ({r['wall_s']:.0f} s): start residual {min(start):.3f}..{max(start):.3f}, "
+              f"final median {np.median(final):.3f} max {max(final):.3f} rad")
+        trials = len(r["rows"])
+        print(f"  {'level':>6} " + " ".join(f"{'t' + str(t):>5}" for t in range(trials)) + f" {'median':>7}")
+        for lv in LEVELS:
+            v = r["stacks_to"][str(lv)]
+            print(f"  {lv:>6.2f} " + " ".join(f"{x:>5.0f}" for x in v) + f" {np.median(v):>7.0f}")
+    if "model" not in correctors:
+        return
+    print(f"\nmedian stacks of the {label['model']} loop, and baseline / {label['model']} ratio of the medians:")
+    print(f"  {'level':>6} " + " ".join(f"{label[c]:>8}" for c in correctors))
+    for lv in LEVELS:
+        med = {c: float(np.median(results[c]["stacks_to"][str(lv)])) for c in correctors}
+        cells = [f"{med[c]:>4.0f}" if c == "model" else f"{ratio(med[c], med['model']):>7.1f}x" for c in correctors]
+        print(f"  {lv:>6.2f} " + " ".join(f"{x:>8}" for x in cells))
+
+
+def combine(paths: list[str]) -> tuple[dict, list[str]]:
+    """Results of several runs' JSON files, trials concatenated in the order given."""
+    merged: dict = {}
+    correctors: list[str] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for c, r in data["results"].items():
+            if c not in merged:
+                correctors.append(c)
+                merged[c] = {"rows": [], "wall_s": 0.0, "stacks_to": {str(lv): [] for lv in LEVELS}}
+            merged[c]["rows"] += r["rows"]
+            merged[c]["wall_s"] += r["wall_s"]
+            for lv in LEVELS:
+                merged[c]["stacks_to"][str(lv)] += [float(v) for v in r["stacks_to"][str(lv)]]
+    return merged, correctors
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default=None)
@@ -124,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--correctors", default="model,2n+1,n+1")
     p.add_argument("--small", action="store_true", help="32-px test optics (quick check; no CNN)")
     p.add_argument("--characterise", action="store_true", help="the metric study instead")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="print the tables of earlier runs' JSON files together")
     p.add_argument("--json", default=None, help="write the results here (e.g. out/loop_vs_baseline.json)")
     args = p.parse_args(argv)
     import torch
@@ -131,6 +182,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from autoalign.settings import load_settings
 
+    if args.combine:
+        results, correctors = combine(args.combine)
+        print(f"stacks to reach a true residual, {len(results[correctors[0]]['rows'])} trials from {args.combine}")
+        report(results, correctors)
+        return 0
     s = load_settings(args.settings)
     if args.small:
         from tests.test_loop_support import small_settings
@@ -143,6 +199,9 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     correctors = [c.strip() for c in args.correctors.split(",") if c.strip()]
+    if args.small and args.predictor == "model" and "model" in correctors:
+        correctors.remove("model")
+        print("--small: the shipped model needs the default 64-px optics: CNN left out (use --predictor oracle)")
     common = {"bias_rad": args.bias, "max_step": args.max_step, "step_gain": args.step_gain}
     modal_options = {"2n+1": dict(common, scheme="2n+1"), "n+1": dict(common, scheme="n+1")}
     from tqdm import tqdm
@@ -157,30 +216,9 @@ def main(argv=None) -> int:
                 for t in tqdm(range(args.trials), desc=corrector, file=sys.stderr)]
         results[corrector] = {"rows": rows, "wall_s": time.perf_counter() - t0,
                               "stacks_to": {str(lv): [stacks_to(r, lv) for r in rows] for lv in LEVELS}}
-    label = {"model": "CNN" if args.predictor == "model" else "ORACLE", "2n+1": "2N+1", "n+1": "N+1"}
     print(f"\nstacks to reach a true residual, {args.trials} trials (seeds {args.seed}..{args.seed + args.trials - 1}, "
           f"aberration {args.aberration_rms} rad RMS; inf = not reached)")
-    for corrector in correctors:
-        r = results[corrector]
-        start = [rows[0][1] for rows in r["rows"]]
-        final = [rows[-1][1] for rows in r["rows"]]
-        print(f"\n{label[corrector]} ({r['wall_s']:.0f} s): start residual {min(start):.3f}..{max(start):.3f}, "
-              f"final median {np.median(final):.3f} max {max(final):.3f} rad")
-        print(f"  {'level':>6} " + " ".join(f"{'t' + str(t):>5}" for t in range(args.trials)) + f" {'median':>7}")
-        for lv in LEVELS:
-            v = r["stacks_to"][str(lv)]
-            print(f"  {lv:>6.2f} " + " ".join(f"{x:>5.0f}" for x in v) + f" {np.median(v):>7.0f}")
-    if "model" in correctors:
-        print(f"\nratio of median stacks, baseline / {label['model']}:")
-        print(f"  {'level':>6} " + " ".join(f"{label[c]:>8}" for c in correctors))
-        for lv in LEVELS:
-            med = {c: float(np.median(results[c]["stacks_to"][str(lv)])) for c in correctors}
-            cells = []
-            for c in correctors:
-                a, b = med["model"], med[c]
-                ratio = b / a if np.isfinite(a) and a > 0 and np.isfinite(b) else float("inf") if np.isfinite(a) else float("nan")
-                cells.append(f"{med[c]:>4.0f}" if c == "model" else f"{ratio:>7.1f}x")
-            print(f"  {lv:>6.2f} " + " ".join(f"{x:>8}" for x in cells))
+    report(results, correctors, args.predictor)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1, default=float))
