@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from autoalign.simulation.dataset import DatasetError, SPLITS, dataset_info, open_dataset
+from autoalign.simulation.noise import READ_NOISE_SCALE, NoiseTransform, add_noise_numpy  # noqa: F401 (re-exported)
 
-READ_NOISE_SCALE = (0.5, 2.0)
 BORDER_PX = 2  # width (binned pixels) of the border frame whose median is the background
 
 
@@ -69,47 +69,6 @@ def prepare_sections(sections_photons: Any, binning: int) -> Any:
     scale = x.flatten(-3).max(dim=-1).values.clamp_min(1e-6)
     x = x / scale[..., None, None, None]
     return x.numpy() if is_numpy else x
-
-
-class NoiseTransform:
-    """Camera noise on (binned) noise-free intensities, in photons (see the module docstring).
-
-    ``__call__(intensity (B, 3, m, m), peak (B,), background (B,), generator)`` -> photons."""
-
-    def __init__(self, quantum_efficiency: float, read_noise_electrons: float, binning: int = 1,
-                 read_noise_scale: tuple[float, float] = READ_NOISE_SCALE) -> None:
-        self.qe = float(quantum_efficiency)
-        self.read = float(read_noise_electrons)
-        self.binning = int(binning)
-        self.read_noise_scale = read_noise_scale
-
-    @classmethod
-    def from_settings(cls, settings: Any, binning: int) -> "NoiseTransform":
-        return cls(settings.camera.quantum_efficiency, settings.camera.read_noise_electrons, binning)
-
-    def __call__(self, intensity: torch.Tensor, peak: torch.Tensor, background: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        b2 = self.binning**2
-        shape = (-1,) + (1,) * (intensity.ndim - 1)
-        mean = intensity.clamp_min(0) * peak.reshape(shape) + b2 * background.reshape(shape)
-        electrons = torch.poisson(mean * self.qe, generator=generator)
-        lo, hi = self.read_noise_scale
-        scale = lo + (hi - lo) * torch.rand(peak.shape, generator=generator, device=intensity.device)
-        sigma = (self.read * self.binning * scale).reshape(shape)
-        electrons = electrons + sigma * torch.randn(intensity.shape, generator=generator,
-                                                    device=intensity.device)
-        return electrons / self.qe
-
-
-def add_noise_numpy(intensity: np.ndarray, peak: np.ndarray, background: np.ndarray,
-                    quantum_efficiency: float, read_noise_electrons: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Noise on full-resolution intensities (N, 3, n, n) -> photons (numpy; baked data sets)."""
-    shape = (-1, 1, 1, 1)
-    mean = np.clip(intensity, 0, None) * np.reshape(peak, shape) + np.reshape(background, shape)
-    electrons = rng.poisson(mean * quantum_efficiency).astype(float)
-    electrons += rng.normal(0.0, read_noise_electrons, size=electrons.shape)
-    return electrons / quantum_efficiency
 
 
 class PSFDataset(torch.utils.data.Dataset):

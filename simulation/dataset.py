@@ -70,7 +70,9 @@ CENTRING_ITERATIONS = 2
 # +-0.6 rad the uncapped RMS is ~1.15 rad). The mix rescales each vector to its drawn total, so a
 # single mode of a mixed sample may exceed max_coefficient_rad slightly; the total never exceeds
 # max_total_rms_rad.
-RMS_MIX: tuple[tuple[float, float], ...] = ((0.2, 1.0), (0.1, 0.25))
+RMS_MIX: tuple[tuple[float, float], ...] = ((0.15, 0.15), (0.35, 0.5), (0.5, 1.0))
+# samples per draw of NA, wavelength and pixel size (one simulator is built per draw, ~0.1 s)
+INSTRUMENT_GROUP = 32
 
 
 class DatasetError(ValueError):
@@ -99,23 +101,59 @@ def code_version() -> str:
 
 
 # ----------------------------------------------------------------------------------- sampling
-def draw_aberrations(rng: np.random.Generator, count: int, n_modes: int, max_coefficient: float,
-                     max_total_rms: float, rms_mix: tuple[tuple[float, float], ...] = RMS_MIX) -> np.ndarray:
-    """Random coefficient vectors (count, n_modes), radians: uniform per mode in
-    +-``max_coefficient``, scaled down to ``max_total_rms`` when above it; then the fractions of
-    ``rms_mix`` are rescaled to a total RMS uniform in [0, scale * max_total_rms]."""
-    c = rng.uniform(-max_coefficient, max_coefficient, (count, n_modes))
-    total = np.sqrt((c**2).sum(axis=1))
-    c *= np.minimum(1.0, max_total_rms / np.maximum(total, 1e-12))[:, None]
-    u = rng.uniform(size=count)
-    target = rng.uniform(size=count)
-    start = 0.0
-    for fraction, scale in rms_mix:
-        sel = (u >= start) & (u < start + fraction)
-        start += fraction
-        total = np.sqrt((c[sel] ** 2).sum(axis=1))
-        c[sel] *= (target[sel] * scale * max_total_rms / np.maximum(total, 1e-12))[:, None]
+def draw_aberrations(rng: np.random.Generator, count: int, n_modes: int, max_total_rms: float,
+                     rms_mix: tuple[tuple[float, float], ...] = RMS_MIX,
+                     max_coefficient: float = 0.0) -> np.ndarray:
+    """Random coefficient vectors (count, n_modes), radians: an isotropic direction (normalised
+    Gaussian vector) times a total RMS (the vector's norm, the modes being RMS-normalised) drawn
+    from the mixture ``rms_mix``: component ``(fraction, scale)`` draws the total uniformly in
+    [0, scale * max_total_rms]. ``max_coefficient`` > 0 clips each mode to +-that afterwards."""
+    direction = rng.normal(size=(count, n_modes))
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
+    fractions = np.array([f for f, _ in rms_mix], dtype=float)
+    scales = np.array([sc for _, sc in rms_mix], dtype=float)
+    if fractions.size == 0 or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(f"rms_mix fractions {fractions.tolist()} must sum to 1")
+    component = rng.choice(len(fractions), size=count, p=fractions / fractions.sum())
+    total = rng.uniform(size=count) * scales[component] * max_total_rms
+    c = direction * total[:, None]
+    if max_coefficient > 0:
+        c = np.clip(c, -max_coefficient, max_coefficient)
     return c
+
+
+def draw_higher_order(rng: np.random.Generator, count: int, modes: list[int],
+                      rms_range: tuple[float, float], decay: float) -> np.ndarray:
+    """Unlabelled higher-order content (count, len(modes)), radians: a decaying spectrum, mode
+    ``j`` of radial order ``n_j`` with standard deviation proportional to ``n_j**-decay``, the
+    vector scaled to a total RMS uniform in ``rms_range``."""
+    from autoalign.simulation.zernike import noll_to_nm
+
+    if not modes:
+        return np.zeros((count, 0))
+    weight = np.array([float(noll_to_nm(j)[0]) ** -decay for j in modes])
+    c = rng.normal(size=(count, len(modes))) * weight
+    c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return c * rng.uniform(rms_range[0], rms_range[1], size=count)[:, None]
+
+
+INSTRUMENT_FIELDS = ("na_scale", "wavelength_scale", "pixel_scale", "polarisation_impurity", "slm_stroke")
+
+
+def draw_instrument(rng: np.random.Generator, count: int, ds: Any) -> np.ndarray:
+    """Domain randomisation (count, 5): NA, wavelength and pixel-size scale factors, the
+    wrong-hand polarisation fraction and the SLM phase stroke (see :data:`INSTRUMENT_FIELDS`).
+    NA, wavelength and pixel size are shared by each group of :data:`INSTRUMENT_GROUP` samples
+    (one simulator per group; the factors are drawn per group), the rest are per sample."""
+    groups = math.ceil(count / INSTRUMENT_GROUP)
+    per_group = np.stack([rng.uniform(*ds.na_scale_range, size=groups),
+                          rng.uniform(*ds.wavelength_scale_range, size=groups),
+                          rng.uniform(*ds.pixel_scale_range, size=groups)], axis=1)
+    out = np.empty((count, 5))
+    out[:, :3] = np.repeat(per_group, INSTRUMENT_GROUP, axis=0)[:count]
+    out[:, 3] = rng.uniform(*ds.polarisation_impurity_range, size=count)
+    out[:, 4] = rng.uniform(*ds.slm_stroke_range, size=count)
+    return out
 
 
 def _blur(sections: np.ndarray, diameter_um: float, pixel_size_um: float) -> np.ndarray:
@@ -135,18 +173,96 @@ class _Job:
     bake_noise: bool
 
 
-_WORKER_SIM: dict[str, Any] = {}
+_WORKER_SIM: dict[Any, Any] = {}
+_YAML_KEY: dict[int, tuple[Any, str]] = {}
 
 
-def _simulator(settings: "Settings") -> Any:
+def _simulator(settings: "Settings", na_scale: float = 1.0, wavelength_scale: float = 1.0,
+               pixel_scale: float = 1.0, polarisation: str | None = None) -> Any:
+    """A simulator for the settings' instrument with NA, wavelength and pixel size scaled (cached
+    per process: the nominal one, and the last few randomised ones)."""
     from autoalign.simulation.vectorial import PSFSimulator
 
-    key = settings.to_yaml()
+    o = settings.optics
+    if id(settings) not in _YAML_KEY:  # settings are frozen; to_yaml() costs ~20 ms
+        _YAML_KEY.clear()
+        _YAML_KEY[id(settings)] = (settings, settings.to_yaml())
+    key = (_YAML_KEY[id(settings)][1], round(na_scale, 9), round(wavelength_scale, 9), round(pixel_scale, 9),
+           polarisation or o.polarisation)
     if key not in _WORKER_SIM:
-        _WORKER_SIM.clear()
-        n_modes = max(22, max(settings.dataset.modes, default=1))
-        _WORKER_SIM[key] = PSFSimulator.from_settings(settings, n_modes=n_modes)
+        if len(_WORKER_SIM) > 8:
+            _WORKER_SIM.clear()
+        _WORKER_SIM[key] = PSFSimulator.from_settings(
+            settings, n_modes=simulated_modes(settings),
+            numerical_aperture=o.numerical_aperture * na_scale, wavelength_um=o.wavelength_um * wavelength_scale,
+            pixel_size_um=settings.camera.pixel_size_um * pixel_scale, polarisation=polarisation or o.polarisation)
     return _WORKER_SIM[key]
+
+
+def simulated_modes(settings: "Settings") -> int:
+    """Noll modes 1..N that the data simulator covers (labelled and unlabelled)."""
+    ds = settings.dataset
+    return max(22, max(ds.modes, default=1), max(ds.unlabelled_modes, default=1))
+
+
+_OPPOSITE_HAND = {"circular_plus": "circular_minus", "circular_minus": "circular_plus"}
+
+
+def slm_mask_phase(sim: Any, offsets: np.ndarray, stroke: np.ndarray) -> Any:
+    """The vortex phase the SLM delivers (B, 2, Na, Nc) at the simulator's pupil nodes: the
+    wrapped vortex ``mod(l atan2(v - oy, u - ox), 2 pi)`` centred at the mask offset, times the
+    SLM's phase stroke (1 = the grey levels deliver exactly 2 pi; 0.9 = 10 % short, leaving a
+    step of 0.2 pi at the wrap)."""
+    import torch
+
+    from autoalign.simulation.pupil import beam_phase
+
+    o = sim.optics
+    u, v = (torch.as_tensor(a, dtype=sim.rdtype) for a in sim.pupil_coordinates())
+    ox = torch.as_tensor(offsets[:, 0], dtype=sim.rdtype)[:, None, None, None]
+    oy = torch.as_tensor(offsets[:, 1], dtype=sim.rdtype)[:, None, None, None]
+    phase = beam_phase(u, v, o.beam, o.vortex_charge, o.tophat_radius, ox, oy)
+    phase = torch.remainder(phase, 2 * math.pi)
+    return phase * torch.as_tensor(stroke, dtype=sim.rdtype)[:, None, None, None]
+
+
+def render_samples(settings: "Settings", coeffs: np.ndarray, offsets: np.ndarray, instrument: np.ndarray,
+                   impure: bool = True) -> np.ndarray:
+    """Noise-free ortho-sections (B, 3, n, n) of the given aberrations (B, n_modes, column k =
+    Noll k+1), mask offsets (B, 2) and instrument draws (B, 5, :data:`INSTRUMENT_FIELDS`),
+    normalised to the NOMINAL instrument's unaberrated peak. The SLM stroke scales the vortex
+    phase (the aberration is in the beam, not on the SLM); with ``impure`` the wrong circular
+    hand is mixed in incoherently, ``(1 - f) I_right + f I_wrong``, both on the right hand's
+    intensity scale."""
+    import torch
+
+    nominal = _simulator(settings)
+    out = np.empty((len(coeffs), 3, settings.camera.roi_px, settings.camera.roi_px), dtype=np.float32)
+    keys = [tuple(row) for row in np.round(instrument[:, :3], 12)]
+    start = 0
+    while start < len(coeffs):  # runs of samples that share NA, wavelength and pixel size
+        stop = start + 1
+        while stop < len(coeffs) and keys[stop] == keys[start]:
+            stop += 1
+        sl = slice(start, stop)
+        na, wl, px = instrument[start, :3]
+        sim = _simulator(settings, na, wl, px)
+        c = torch.as_tensor(coeffs[sl], dtype=sim.rdtype)
+        o = torch.as_tensor(offsets[sl], dtype=sim.rdtype)
+        mask = slm_mask_phase(sim, offsets[sl], instrument[sl, 4])
+        scale = sim._peak / nominal._peak  # back to the nominal instrument's scale
+        with torch.no_grad():
+            img = sim.orthosections_torch(c, o, pupil_phase=mask, include_mask=False).numpy() * scale
+            f = instrument[sl, 3]
+            hand = _OPPOSITE_HAND.get(settings.optics.polarisation)
+            if impure and hand is not None and np.any(f > 0):
+                wrong = _simulator(settings, na, wl, px, polarisation=hand)
+                w = wrong.orthosections_torch(c, o, pupil_phase=mask, include_mask=False).numpy()
+                w *= wrong._peak / nominal._peak
+                img = (1 - f)[:, None, None, None] * img + f[:, None, None, None] * w
+        out[sl] = img
+        start = stop
+    return out
 
 
 def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
@@ -155,16 +271,18 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
 
     Returns arrays ``img`` (count, 3, n, n) float32, ``labels`` (count, J), ``peak_photons``,
     ``background_photons``, ``bead_diameter_um``, ``centring_rad`` (count, 3), ``decentre_px``
-    (count, 3)."""
+    (count, 3), ``instrument`` (count, 5), ``higher_order_rad`` (count, K)."""
     from autoalign.calibration.centroid import section_centroid
     from autoalign.calibration.optics import shift_to_zernike
 
     ds, cam, o = settings.dataset, settings.camera, settings.optics
-    sim = _simulator(settings)
+    n_sim = simulated_modes(settings)
     rng = np.random.default_rng([int(seed), int(chunk)])
     modes = list(ds.modes)
+    extra = list(ds.unlabelled_modes)
     J = len(modes)
-    aberr = draw_aberrations(rng, count, J, ds.max_coefficient_rad, ds.max_total_rms_rad)
+    aberr = draw_aberrations(rng, count, J, ds.max_total_rms_rad, tuple(tuple(m) for m in ds.rms_mix),
+                             ds.max_coefficient_rad)
     offsets = np.zeros((count, 2))
     if ds.max_offset > 0:
         offsets = rng.uniform(-ds.max_offset, ds.max_offset, (count, 2))
@@ -172,18 +290,25 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
     peak = rng.uniform(*ds.peak_photons_range, size=count)
     background = rng.uniform(*ds.background_photons_range, size=count)
     decentre = rng.uniform(-ds.decentre_px, ds.decentre_px, (count, 3))
+    higher = draw_higher_order(rng, count, extra, tuple(ds.higher_order_rms_range_rad), ds.higher_order_decay)
+    instrument = draw_instrument(rng, count, ds)
     noise_rng = np.random.default_rng([int(seed), int(chunk), 1])
 
-    coeffs = np.zeros((count, sim.n_modes))
+    coeffs = np.zeros((count, n_sim))
     for k, m in enumerate(modes):
         coeffs[:, m - 1] = aberr[:, k]
+    for k, m in enumerate(extra):
+        coeffs[:, m - 1] += higher[:, k]
+    # the loop converts centroids with the NOMINAL pixel size and optics (it does not know the
+    # instrument's deviation); the bead blurs on the TRUE pixel grid
     px, dz = cam.pixel_size_um, settings.stack.z_step_um
+    true_px = px * instrument[:, 2]
     centring = np.zeros((count, 3))
     for iteration in range(CENTRING_ITERATIONS):
-        rendered = sim.orthosections_batch(coeffs, offsets, chunk=64)
+        rendered = render_samples(settings, coeffs, offsets, instrument, impure=False)
         last = iteration == CENTRING_ITERATIONS - 1
         for i in range(count):
-            c = section_centroid(_blur(rendered[i], bead[i], px))
+            c = section_centroid(_blur(rendered[i], bead[i], true_px[i]))
             # move the focus back by the centroid's displacement (and, the last time, off by the
             # residual decentring)
             d = np.array([-c.x_px, -c.y_px, -c.z_px]) + (decentre[i] if last else 0.0)
@@ -192,12 +317,12 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
             step = (ttd[2], ttd[3], ttd[4])
             centring[i] += step
             coeffs[i, 1:4] += step
-    second = sim.orthosections_batch(coeffs, offsets, chunk=64)
+    second = render_samples(settings, coeffs, offsets, instrument, impure=True)
     img = np.empty_like(second, dtype=np.float32)
     for i in range(count):
-        img[i] = _blur(second[i], bead[i], px)
+        img[i] = _blur(second[i], bead[i], true_px[i])
     if bake_noise:
-        from autoalign.models.data import add_noise_numpy
+        from autoalign.simulation.noise import add_noise_numpy
 
         img = add_noise_numpy(img, peak, background, cam.quantum_efficiency, cam.read_noise_electrons,
                               noise_rng).astype(np.float32)
@@ -206,7 +331,8 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
     return {
         "img": f32(img), "labels": f32(labels), "peak_photons": f32(peak),
         "background_photons": f32(background), "bead_diameter_um": f32(bead),
-        "centring_rad": f32(centring), "decentre_px": f32(decentre),
+        "centring_rad": f32(centring), "decentre_px": f32(decentre), "instrument": f32(instrument),
+        "higher_order_rad": f32(higher.reshape(count, len(extra))),
     }
 
 
@@ -242,16 +368,52 @@ def label_names(settings: "Settings") -> list[str]:
 
 
 FIELDS = ("img", "labels", "peak_photons", "background_photons", "bead_diameter_um", "centring_rad",
-          "decentre_px")
+          "decentre_px", "instrument", "higher_order_rad")
+
+
+def field_shapes(settings: "Settings", size: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-sample field for ``size`` samples."""
+    n = settings.camera.roi_px
+    return {"img": (size, 3, n, n), "labels": (size, len(label_names(settings))), "peak_photons": (size,),
+            "background_photons": (size,), "bead_diameter_um": (size,), "centring_rad": (size, 3),
+            "decentre_px": (size, 3), "instrument": (size, len(INSTRUMENT_FIELDS)),
+            "higher_order_rad": (size, len(settings.dataset.unlabelled_modes))}
+
+
+def dataset_attributes(settings: "Settings", count: int, seed: int, bake_noise: bool) -> dict[str, Any]:
+    """The HDF5 attributes of a data set (or shard) generated from these settings."""
+    names = label_names(settings)
+    n_modes = len(settings.dataset.modes)
+    sizes = split_sizes(count, settings.dataset.val_fraction, settings.dataset.test_fraction)
+    return {
+        "format": DATASET_FORMAT, "modes": np.asarray(settings.dataset.modes, dtype=np.int64),
+        "label_names": json.dumps(names),
+        "label_units": json.dumps(["rad"] * n_modes + ["pupil radii"] * (len(names) - n_modes)),
+        "has_offset": bool(settings.dataset.max_offset > 0), "count": int(count),
+        "splits": json.dumps(sizes), "seed": int(seed), "settings_yaml": settings.to_yaml(),
+        "code_version": code_version(), "n_px": int(settings.camera.roi_px), "noise_baked": bool(bake_noise),
+        "image_units": "photons (noise baked in)" if bake_noise
+        else "normalised intensity (1 = unaberrated peak); noise added at load",
+        "rms_mix": json.dumps(settings.dataset.rms_mix), "chunk": CHUNK,
+        "instrument_fields": json.dumps(list(INSTRUMENT_FIELDS)),
+        "unlabelled_modes": json.dumps(list(settings.dataset.unlabelled_modes)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False,
+    }
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: exists; choose another --out or pass --force to overwrite it")
 
 
 def write_dataset(settings: "Settings | str | None", count: int, out: str | Path, seed: int = 0,
-                  workers: int | None = None, bake_noise: bool = False, progress: bool = True) -> Path:
+                  workers: int | None = None, bake_noise: bool = False, progress: bool = True,
+                  force: bool = False) -> Path:
     """Generate ``count`` samples and write them to ``out`` (HDF5), atomically: the data go to
     ``out + '.partial'`` which is renamed at the end (an interrupted run leaves no file under the
-    final name). ``workers`` processes (default: all cores, at most the number of chunks)."""
+    final name). ``workers`` processes (default: all cores, at most the number of chunks). An
+    existing ``out`` is refused unless ``force``."""
     import h5py
-    import yaml
     from tqdm import tqdm
 
     from autoalign.settings import load_settings
@@ -260,38 +422,22 @@ def write_dataset(settings: "Settings | str | None", count: int, out: str | Path
     if count < 1:
         raise ValueError(f"count = {count}: expected at least 1 sample")
     out = Path(out)
+    _refuse_existing(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     sizes = split_sizes(count, settings.dataset.val_fraction, settings.dataset.test_fraction)
     starts = {"train": 0, "val": sizes["train"], "test": sizes["train"] + sizes["val"]}
-    n = settings.camera.roi_px
-    names = label_names(settings)
     syaml = settings.to_yaml()
     jobs = [_Job(syaml, seed, k, min(CHUNK, count - k * CHUNK), bake_noise)
             for k in range(math.ceil(count / CHUNK))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     t0 = time.time()
     with h5py.File(tmp, "w") as f:
-        f.attrs.update({
-            "format": DATASET_FORMAT, "modes": np.asarray(settings.dataset.modes, dtype=np.int64),
-            "label_names": json.dumps(names),
-            "label_units": json.dumps(["rad"] * len(settings.dataset.modes)
-                                      + ["pupil radii"] * (len(names) - len(settings.dataset.modes))),
-            "has_offset": bool(settings.dataset.max_offset > 0), "count": int(count),
-            "splits": json.dumps(sizes), "seed": int(seed), "settings_yaml": syaml,
-            "code_version": code_version(), "n_px": int(n), "noise_baked": bool(bake_noise),
-            "image_units": "photons (noise baked in)" if bake_noise
-            else "normalised intensity (1 = unaberrated peak); noise added at load",
-            "rms_mix": json.dumps(RMS_MIX), "chunk": CHUNK,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": False,
-        })
+        f.attrs.update(dataset_attributes(settings, count, seed, bake_noise))
         dsets: dict[str, Any] = {}
         for split, size in sizes.items():
-            shapes = {"img": (size, 3, n, n), "labels": (size, len(names)), "centring_rad": (size, 3),
-                      "decentre_px": (size, 3)}
-            for field in FIELDS:
-                shape = shapes.get(field, (size,))
-                chunks = (max(1, min(size, 64)),) + shape[1:] if size else None
+            for field, shape in field_shapes(settings, size).items():
+                chunks = (max(1, min(size, 64)),) + shape[1:] if size and all(shape[1:]) else None
                 dsets[f"{split}_{field}"] = f.create_dataset(
                     f"{split}_{field}", shape=shape, dtype=np.float32, chunks=chunks)
         bar = tqdm(total=count, unit="sample", desc=f"simulate {out.name}", disable=not progress,

@@ -14,7 +14,12 @@ import numpy as np
 from scipy import ndimage
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from autoalign.settings import Settings
+
+# per-sample factor on the camera's read noise when data sets add noise at load
+READ_NOISE_SCALE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -94,3 +99,47 @@ def blur_by_bead(image: np.ndarray, diameter_um: float, pixel_size_um: float) ->
     image = np.asarray(image, dtype=float)
     k = kernel.reshape((1,) * (image.ndim - 2) + kernel.shape)
     return ndimage.convolve(image, k, mode="nearest")
+
+
+# ------------------------------------------------------------------ noise added to data sets
+class NoiseTransform:
+    """Camera noise on (binned) noise-free intensities, in photons (see the module docstring).
+
+    ``__call__(intensity (B, 3, m, m), peak (B,), background (B,), generator)`` -> photons."""
+
+    def __init__(self, quantum_efficiency: float, read_noise_electrons: float, binning: int = 1,
+                 read_noise_scale: tuple[float, float] = READ_NOISE_SCALE) -> None:
+        self.qe = float(quantum_efficiency)
+        self.read = float(read_noise_electrons)
+        self.binning = int(binning)
+        self.read_noise_scale = read_noise_scale
+
+    @classmethod
+    def from_settings(cls, settings: Any, binning: int) -> "NoiseTransform":
+        return cls(settings.camera.quantum_efficiency, settings.camera.read_noise_electrons, binning)
+
+    def __call__(self, intensity: "torch.Tensor", peak: "torch.Tensor", background: "torch.Tensor",
+                 generator: "torch.Generator | None" = None) -> "torch.Tensor":
+        import torch
+
+        b2 = self.binning**2
+        shape = (-1,) + (1,) * (intensity.ndim - 1)
+        mean = intensity.clamp_min(0) * peak.reshape(shape) + b2 * background.reshape(shape)
+        electrons = torch.poisson(mean * self.qe, generator=generator)
+        lo, hi = self.read_noise_scale
+        scale = lo + (hi - lo) * torch.rand(peak.shape, generator=generator, device=intensity.device)
+        sigma = (self.read * self.binning * scale).reshape(shape)
+        electrons = electrons + sigma * torch.randn(intensity.shape, generator=generator,
+                                                    device=intensity.device)
+        return electrons / self.qe
+
+
+def add_noise_numpy(intensity: np.ndarray, peak: np.ndarray, background: np.ndarray,
+                    quantum_efficiency: float, read_noise_electrons: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Noise on full-resolution intensities (N, 3, n, n) -> photons (numpy; baked data sets)."""
+    shape = (-1, 1, 1, 1)
+    mean = np.clip(intensity, 0, None) * np.reshape(peak, shape) + np.reshape(background, shape)
+    electrons = rng.poisson(mean * quantum_efficiency).astype(float)
+    electrons += rng.normal(0.0, read_noise_electrons, size=electrons.shape)
+    return electrons / quantum_efficiency

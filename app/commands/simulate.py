@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--bake-noise", action="store_true",
                    help="store noisy photon images instead of adding noise at load time")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -29,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
     if args.count < 1:
         print("autoalign simulate: --count must be at least 1", file=sys.stderr)
         return 2
-    out = write_dataset(settings, args.count, args.out, seed=args.seed, workers=args.workers,
-                        bake_noise=args.bake_noise, progress=not args.quiet)
+    try:
+        out = write_dataset(settings, args.count, args.out, seed=args.seed, workers=args.workers,
+                            bake_noise=args.bake_noise, progress=not args.quiet, force=args.force)
+    except FileExistsError as exc:
+        print(f"autoalign simulate: {exc}", file=sys.stderr)
+        return 2
     info = dataset_info(out)
     print(f"wrote {out}: {info['count']} samples {info['splits']}, modes {info['modes']}"
           f"{' + mask offset' if info['has_offset'] else ''}, {info['n_px']} px sections, "
