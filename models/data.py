@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoalign.simulation.dataset import DatasetError, SPLITS, dataset_info, open_dataset
+from autoalign.simulation.dataset import (  # noqa: F401 (DatasetError re-exported)
+    DatasetError, SPLITS, dataset_info, iter_split_images, read_split,
+)
 from autoalign.simulation.noise import READ_NOISE_SCALE, NoiseTransform, add_noise_numpy  # noqa: F401 (re-exported)
 
 BORDER_PX = 2  # width (binned pixels) of the border frame whose median is the background
@@ -89,21 +91,16 @@ class PSFDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.binning = int(binning)
         self.noise_baked = self.info["noise_baked"]
-        with open_dataset(path) as f:
-            try:
-                n = f[f"{split}_img"].shape[0] if limit is None else min(limit, f[f"{split}_img"].shape[0])
-                imgs = []
-                for a in range(0, n, 2048):
-                    block = torch.from_numpy(f[f"{split}_img"][a: min(n, a + 2048)])
-                    imgs.append(bin_sections(block, self.binning))
-                m = self.info["n_px"] // self.binning
-                self.images = torch.cat(imgs) if imgs else torch.zeros(0, 3, m, m)
-                self.labels = torch.from_numpy(f[f"{split}_labels"][:n])
-                self.peak = torch.from_numpy(f[f"{split}_peak_photons"][:n])
-                self.background = torch.from_numpy(f[f"{split}_background_photons"][:n])
-                self.meta = {k: f[f"{split}_{k}"][:n] for k in ("bead_diameter_um", "centring_rad")}
-            except (KeyError, OSError, ValueError, TypeError) as exc:
-                raise DatasetError(f"{self.path}: cannot read split '{split}' ({exc})") from exc
+        m = self.info["n_px"] // self.binning
+        imgs = [bin_sections(torch.from_numpy(block), self.binning)
+                for block in iter_split_images(path, split, limit)]
+        self.images = torch.cat(imgs) if imgs else torch.zeros(0, 3, m, m)
+        arrays = read_split(path, split, ("labels", "peak_photons", "background_photons", "bead_diameter_um",
+                                          "centring_rad", "instrument", "higher_order_rad"), limit)
+        self.labels = torch.from_numpy(arrays.pop("labels"))
+        self.peak = torch.from_numpy(arrays.pop("peak_photons"))
+        self.background = torch.from_numpy(arrays.pop("background_photons"))
+        self.meta = arrays  # bead_diameter_um, centring_rad, instrument, higher_order_rad (when stored)
         if not (torch.all(torch.isfinite(self.images)) and torch.all(torch.isfinite(self.labels))):
             raise DatasetError(f"{self.path}: split '{split}' contains NaN or infinity")
 
@@ -134,10 +131,15 @@ class PSFDataset(torch.utils.data.Dataset):
         return self._inputs(idx, None)[0], self.labels[int(i)]
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Prepared (inputs, labels) batches; fresh noise each call (drawn from ``generator``)."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+                indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Prepared (inputs, labels) batches; fresh noise each call (drawn from ``generator``).
+        ``indices``: the samples, in this order (e.g. a rank's share from a DistributedSampler)."""
+        if indices is not None:
+            order = torch.as_tensor(indices, dtype=torch.long)
+        else:
+            n = len(self)
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        n = len(order)
         for a in range(0, n, batch_size):
             idx = order[a: a + batch_size]
             yield self._inputs(idx, generator), self.labels[idx]

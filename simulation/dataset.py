@@ -455,19 +455,171 @@ def write_dataset(settings: "Settings | str | None", count: int, out: str | Path
             bar.update(g1 - g0)
 
         try:
-            if workers == 1:
-                for job in jobs:
-                    store(*_run_job(job))
-            else:
-                import multiprocessing as mp
-
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                    for chunk, data in pool.map(_run_job, jobs):
-                        store(chunk, data)
+            _run_jobs(jobs, workers, store)
         finally:
             bar.close()
         f.attrs["complete"] = True
         f.attrs["generation_s"] = float(time.time() - t0)
+    os.replace(tmp, out)
+    return out
+
+
+def _run_jobs(jobs: list[_Job], workers: int, store: Any) -> None:
+    """Run the chunk jobs in ``workers`` processes (in-process for 1), storing results in order."""
+    if workers == 1:
+        for job in jobs:
+            store(*_run_job(job))
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for chunk, data in pool.map(_run_job, jobs):
+            store(chunk, data)
+
+
+# ----------------------------------------------------------------------------------- shards
+SHARD_FORMAT = "autoalign-psf-shard/1"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``'i/N'`` -> (i, N) with 0 <= i < N; ValueError naming the value otherwise."""
+    try:
+        i, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: expected 0 <= i < N")
+    return i, n
+
+
+def shard_path(out: str | Path, shard: int, shards: int) -> Path:
+    """File of shard ``shard`` of ``shards`` for the combined data set ``out``:
+    ``DIR/NAME.shard-0003-of-0008.h5`` next to it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard-{shard:04d}-of-{shards:04d}.h5")
+
+
+def shard_range(count: int, shard: int, shards: int) -> tuple[int, int]:
+    """Global sample range [start, stop) of a shard: whole chunks of :data:`CHUNK` samples split
+    as evenly as possible, so a sample's content (stream ``[seed, chunk]``) does not depend on
+    the number of shards."""
+    n_chunks = math.ceil(count / CHUNK)
+    c0, c1 = (shard * n_chunks) // shards, ((shard + 1) * n_chunks) // shards
+    return min(count, c0 * CHUNK), min(count, c1 * CHUNK)
+
+
+def write_shard(settings: "Settings | str | None", count: int, out: str | Path, shard: int, shards: int,
+                seed: int = 0, workers: int = 1, bake_noise: bool = False, progress: bool = True,
+                force: bool = False) -> Path:
+    """Write shard ``shard`` of ``shards`` of the ``count``-sample data set ``out`` (to
+    :func:`shard_path`), atomically (``.partial`` then rename). Independent of the other shards:
+    run them anywhere (processes, machines) and join them with :func:`combine_shards`."""
+    import h5py
+    from tqdm import tqdm
+
+    from autoalign.settings import load_settings
+
+    settings = load_settings(settings)
+    if count < 1:
+        raise ValueError(f"count = {count}: expected at least 1 sample")
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} of {shards}: expected 0 <= shard < shards")
+    path = shard_path(out, shard, shards)
+    _refuse_existing(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    start, stop = shard_range(count, shard, shards)
+    syaml = settings.to_yaml()
+    jobs = [_Job(syaml, seed, k, min(CHUNK, count - k * CHUNK), bake_noise)
+            for k in range(start // CHUNK, math.ceil(stop / CHUNK))]
+    t0 = time.time()
+    with h5py.File(tmp, "w") as f:
+        attrs = dataset_attributes(settings, count, seed, bake_noise)
+        attrs.update({"format": SHARD_FORMAT, "shard": int(shard), "shards": int(shards),
+                      "start": int(start), "stop": int(stop)})
+        f.attrs.update(attrs)
+        dsets = {}
+        for field, shape in field_shapes(settings, stop - start).items():
+            chunks = (max(1, min(shape[0], 64)),) + shape[1:] if shape[0] and all(shape[1:]) else None
+            dsets[field] = f.create_dataset(field, shape=shape, dtype=np.float32, chunks=chunks)
+        bar = tqdm(total=stop - start, unit="sample", desc=f"shard {shard}/{shards}", disable=not progress,
+                   dynamic_ncols=True)
+
+        def store(chunk: int, data: dict[str, np.ndarray]) -> None:
+            a = chunk * CHUNK - start
+            for field in FIELDS:
+                dsets[field][a: a + len(data["labels"])] = data[field]
+            bar.update(len(data["labels"]))
+
+        try:
+            _run_jobs(jobs, max(1, min(workers, len(jobs) or 1)), store)
+        finally:
+            bar.close()
+        f.attrs["complete"] = True
+        f.attrs["generation_s"] = float(time.time() - t0)
+    os.replace(tmp, path)
+    return path
+
+
+def combine_shards(out: str | Path, shards: int, force: bool = False) -> Path:
+    """Join the ``shards`` shard files of ``out`` into the data set ``out`` WITHOUT copying: each
+    ``split_field`` is an HDF5 virtual data set mapping onto the shards (relative file names, so
+    the folder can be moved as a whole). The split is by global sample index (train = the first
+    80 %, ...), whatever the shard boundaries. Checks that every shard is present, complete and
+    from the same settings, seed and count; raises :class:`DatasetError` naming the file otherwise."""
+    import h5py
+
+    out = Path(out)
+    _refuse_existing(out, force)
+    paths = [shard_path(out, i, shards) for i in range(shards)]
+    metas = []
+    for i, p in enumerate(paths):
+        if not p.exists():
+            partial = p.with_name(p.name + ".partial")
+            raise DatasetError(f"{p}: shard {i}/{shards} missing"
+                               + (" (still being written, or interrupted)" if partial.exists() else ""))
+        try:
+            with h5py.File(p, "r") as f:
+                a = dict(f.attrs)
+                shapes = {k: f[k].shape for k in FIELDS if k in f}
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"{p}: not a readable HDF5 file ({exc})") from exc
+        dec = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+        if dec(a.get("format")) != SHARD_FORMAT or not bool(a.get("complete", False)):
+            raise DatasetError(f"{p}: not a complete autoalign shard")
+        if int(a["shard"]) != i or int(a["shards"]) != shards:
+            raise DatasetError(f"{p}: is shard {a['shard']}/{a['shards']}, expected {i}/{shards}")
+        metas.append((a, shapes))
+    first = metas[0][0]
+    for (a, _), p in zip(metas, paths):
+        for key in ("count", "seed", "settings_yaml", "noise_baked"):
+            if a[key] != first[key]:
+                raise DatasetError(f"{p}: {key} differs from {paths[0]} (shards of different runs)")
+    count = int(first["count"])
+    bounds = [(int(a["start"]), int(a["stop"])) for a, _ in metas]
+    if bounds[0][0] != 0 or bounds[-1][1] != count or any(b[1] != c[0] for b, c in zip(bounds, bounds[1:])):
+        raise DatasetError(f"{out}: shard ranges {bounds} do not tile 0..{count}")
+    sizes = json.loads(first["splits"])
+    starts = {"train": 0, "val": sizes["train"], "test": sizes["train"] + sizes["val"]}
+    tmp = out.with_name(out.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        attrs = {k: v for k, v in first.items() if k not in ("shard", "shards", "start", "stop")}
+        attrs.update({"format": DATASET_FORMAT, "complete": True,
+                      "shard_files": json.dumps([p.name for p in paths]),
+                      "generation_s": float(sum(float(a.get("generation_s", 0.0)) for a, _ in metas))})
+        f.attrs.update(attrs)
+        for split in SPLITS:
+            s0, s1 = starts[split], starts[split] + sizes[split]
+            for field in FIELDS:
+                tail = metas[0][1][field][1:]
+                layout = h5py.VirtualLayout(shape=(s1 - s0,) + tail, dtype=np.float32)
+                for p, (a0, a1), (_, shapes) in zip(paths, bounds, metas):
+                    lo, hi = max(a0, s0), min(a1, s1)
+                    if lo >= hi:
+                        continue
+                    src = h5py.VirtualSource(p.name, field, shape=shapes[field])
+                    layout[lo - s0: hi - s0] = src[lo - a0: hi - a0]
+                f.create_virtual_dataset(f"{split}_{field}", layout, fillvalue=np.nan)
     os.replace(tmp, out)
     return out
 
@@ -495,6 +647,10 @@ def open_dataset(path: str | Path) -> Any:
         if not bool(f.attrs.get("complete", False)):
             raise DatasetError(f"{path}: incomplete data set (its generation was interrupted)")
         sizes = json.loads(f.attrs["splits"])
+        for name in json.loads(f.attrs.get("shard_files", "[]")):
+            if not (path.parent / name).exists():
+                raise DatasetError(f"{path}: its shard {path.parent / name} is missing (a combined data set "
+                                   "reads its shards in place: keep them next to it)")
         missing = [f"{s}_{field}" for s in SPLITS for field in ("img", "labels") if f"{s}_{field}" not in f]
         if missing:
             raise DatasetError(f"{path}: data set is missing {', '.join(missing)}")
@@ -548,6 +704,35 @@ def dataset_settings(path: str | Path) -> "Settings":
     if isinstance(stored, dict):
         update(merged, stored)
     return settings_from_dict(merged, source=f"{path} (attrs)")
+
+
+def read_split(path: str | Path, split: str, fields: tuple[str, ...] = ("labels", "peak_photons", "background_photons"),
+               limit: int | None = None) -> dict[str, np.ndarray]:
+    """The per-sample ``fields`` of one split (the first ``limit`` samples) as arrays; a field
+    absent from an older file is left out. Raises :class:`DatasetError` naming the file."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    path = Path(path)
+    with open_dataset(path) as f:
+        try:
+            n = f[f"{split}_labels"].shape[0] if limit is None else min(limit, f[f"{split}_labels"].shape[0])
+            return {k: f[f"{split}_{k}"][:n] for k in fields if f"{split}_{k}" in f}
+        except (KeyError, OSError, ValueError, TypeError) as exc:
+            raise DatasetError(f"{path}: cannot read split '{split}' ({exc})") from exc
+
+
+def iter_split_images(path: str | Path, split: str, limit: int | None = None,
+                      block: int = 2048) -> Iterator[np.ndarray]:
+    """The images (N, 3, n, n) of one split in blocks of ``block`` samples (bounded memory)."""
+    path = Path(path)
+    with open_dataset(path) as f:
+        try:
+            d = f[f"{split}_img"]
+            n = d.shape[0] if limit is None else min(limit, d.shape[0])
+            for a in range(0, n, block):
+                yield d[a: min(n, a + block)]
+        except (KeyError, OSError, ValueError, TypeError) as exc:
+            raise DatasetError(f"{path}: cannot read split '{split}' ({exc})") from exc
 
 
 def iter_chunks(n: int, size: int) -> Iterator[slice]:

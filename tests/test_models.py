@@ -116,14 +116,14 @@ def test_checkpoint_is_plain_and_predictor_api(ckpt_path):
     assert raw["format"].startswith("autoalign-checkpoint") and raw["arch"] == "Net11"
     settings = load_settings()
     p = Predictor.load(str(ckpt_path), settings)
-    assert p.modes == list(range(5, 16)) and p.predicts_offset is False
+    assert p.modes == list(settings.model.modes) and p.predicts_offset is False
     x = _sections(np.random.default_rng(2))
     pred = p.predict(x)
     assert isinstance(pred, Prediction) and pred.mask_offset is None
     assert sorted(pred.coefficients) == p.modes
     assert all(isinstance(v, float) and np.isfinite(v) for v in pred.coefficients.values())
     batch = p.predict_batch(np.stack([x, 2 * x]))
-    assert batch.shape == (2, 11)
+    assert batch.shape == (2, len(settings.model.modes))
     np.testing.assert_allclose(batch[0], batch[1], atol=1e-5)  # scale-invariant input
     np.testing.assert_allclose(batch[0], [pred.coefficients[m] for m in p.modes], atol=1e-5)
     with pytest.raises(ValueError, match="shape"):
@@ -136,7 +136,7 @@ def test_offset_prediction(tmp_path):
     p = Predictor.load(path, s)
     pred = p.predict(_sections(np.random.default_rng(3)))
     assert p.predicts_offset and len(pred.mask_offset) == 2
-    assert p.predict_batch(np.zeros((1, 3, 64, 64)) + 1).shape == (1, 13)
+    assert p.predict_batch(np.zeros((1, 3, 64, 64)) + 1).shape == (1, len(s.model.modes) + 2)
 
 
 def test_relative_path_resolves_against_repository(ckpt_path, monkeypatch):
@@ -158,7 +158,7 @@ def test_mismatched_checkpoint_is_refused_listing_differences(ckpt_path):
     for key in ("wavelength_um", "pixel_size_um", "z_step_um", "modes"):
         assert key in msg
     forced = Predictor.load(ckpt_path, other, force=True)
-    assert len(forced.lock_differences) == 4 and forced.modes == list(range(5, 16))
+    assert len(forced.lock_differences) == 4 and forced.modes == list(load_settings().model.modes)
 
 
 def test_tampered_corrupt_and_foreign_checkpoints(ckpt_path, tmp_path):

@@ -15,7 +15,10 @@ from autoalign.simulation.dataset import write_dataset
 
 SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
          "dataset.modes": [5, 7, 11], "model.modes": [5, 7, 11], "dataset.max_coefficient_rad": 0.8,
-         "dataset.peak_photons_range": [2000.0, 5000.0], "model.architecture": "Net11"}
+         "dataset.peak_photons_range": [2000.0, 5000.0], "model.architecture": "Net11",
+         # a tiny, easy problem: modest aberrations, no offset, no unlabelled modes
+         "dataset.max_total_rms_rad": 1.0, "dataset.rms_mix": [[1.0, 1.0]], "dataset.max_offset": 0.0,
+         "model.predict_offset": False, "dataset.unlabelled_modes": []}
 
 
 @pytest.fixture(scope="module")
