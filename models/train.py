@@ -125,12 +125,15 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
           warm_start: str | Path | None = None, seed: int = 0, device: str | None = None,
           schedule: str = "cosine", limit: int | None = None, progress: bool = True,
           tensorboard: bool = True, export: str | Path | None = None,
-          dropout: float = 0.1, offset_weight: float = OFFSET_WEIGHT) -> dict[str, Any]:
+          dropout: float = 0.1, offset_weight: float = OFFSET_WEIGHT,
+          stop_after: int | None = None) -> dict[str, Any]:
     """Train a model on ``data`` and write ``best.pt``, ``last.pt``, ``log.csv`` and ``tb/`` to
     ``out_dir``. ``export``: also write the best model without optimizer state there. Returns a
     summary (best epoch and validation loss, per-mode validation RMSE, time). ``resume``
     continues model, optimizer, schedule, epoch count, history and best loss; ``epochs`` <= 0
-    takes the resumed run's own total. Runs distributed under torchrun (module docstring)."""
+    takes the resumed run's own total. ``stop_after``: stop after that epoch (the schedule still
+    spans ``epochs``; continue later with ``resume``). Runs distributed under torchrun (module
+    docstring)."""
     from tqdm import tqdm
 
     from autoalign.settings import load_settings
@@ -264,7 +267,7 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     csv_path = out / "log.csv"
     new_csv = not (resume_ckpt is not None and csv_path.exists())
     tb = _TB(out / "tb", tensorboard and main)
-    g = torch.Generator().manual_seed(seed + 1000 * start_epoch + 7919 * rank)
+    g = torch.Generator()
     log.info("training %s (%d parameters) on %d samples (%d val), %d epochs, batch %d, %s",
              arch, count_parameters(model), len(train_ds), len(val_ds), epochs, batch, dev)
     elapsed0 = float(resume_ckpt.get("train_seconds", 0.0)) if resume_ckpt else 0.0
@@ -276,8 +279,12 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
         if new_csv and main:
             writer.writerow(["epoch", "train_loss", "val_loss", "val_rmse_mean", "val_rmse_max", "lr",
                              "seconds"] + [f"val_rmse_{n}" for n in train_ds.info["label_names"][:n_out]])
-        for epoch in range(start_epoch + 1, epochs + 1):
+        for epoch in range(start_epoch + 1, min(epochs, stop_after or epochs) + 1):
             t0 = time.time()
+            # every epoch's permutation, noise and dropout come from (seed, epoch, rank) alone, so a
+            # resumed run continues exactly as an uninterrupted one would
+            g.manual_seed(seed + 1000 * epoch + 7919 * rank)
+            torch.manual_seed(seed + 1000 * epoch + 7919 * rank + 1)
             model.train()
             total, seen = 0.0, 0
             if sampler is not None:
@@ -306,6 +313,9 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
                 bar.set_postfix(loss=f"{total / seen:.4f}")
             bar.close()
             train_loss = total / max(seen, 1)
+            if world > 1:  # batch-norm statistics: every rank takes rank 0's (the saved model's)
+                for buf in net.buffers():
+                    torch.distributed.broadcast(buf, 0)
             if not main:  # rank 0 validates, logs and saves; the others wait for it
                 torch.distributed.barrier()
                 continue

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="learning-rate schedule (cosine: decay to lr/50 over the run)")
     p.add_argument("--resume", default=None, help="continue a run from its checkpoint (model + optimizer)")
     p.add_argument("--warm-start", default=None, help="start from another checkpoint's weights")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch (the schedule still spans --epochs; continue with --resume)")
     p.add_argument("--offset-weight", type=float, default=None,
                    help="loss weight of the mask-offset outputs (default 25 = (0.05 rad / 0.01)^2)")
     p.add_argument("--seed", type=int, default=0)
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
                     lr=args.lr, resume=args.resume, warm_start=args.warm_start, seed=args.seed,
                     device=args.device, schedule=args.schedule, limit=args.limit,
                     progress=not args.quiet, tensorboard=not args.no_tensorboard, export=args.export,
+                    stop_after=args.stop_after,
                     **({} if args.offset_weight is None else {"offset_weight": args.offset_weight}))
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return 0
