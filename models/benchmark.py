@@ -1,51 +1,155 @@
-"""CPU inference timing of a checkpoint (printed by ``autoalign benchmark``)."""
+"""CPU inference timing of a checkpoint, end to end (section preparation + network, all heads).
+
+``inference_benchmark`` times the :class:`Predictor` as the loop uses it (``autoalign benchmark``
+prints it). ``inference_comparison`` times the eager and the TorchScript (traced + frozen)
+engines side by side at 1 and 2 torch threads, in the same run; ONNX Runtime is timed only when
+it is already installed (it is not a dependency). Run it as::
+
+    python -m autoalign.models.benchmark [--checkpoint C] [--repeats 300] [--threads 1 2]
+
+On a machine shared with other jobs the figures are noisy; the ratios within one run are what
+compares.
+"""
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
+TARGET_SINGLE_MS = 2.0
 
-def inference_benchmark(checkpoint_path: str, settings: Any, repeats: int = 200, batch: int = 64,
-                        batch_repeats: int = 20, force: bool = True) -> dict[str, Any]:
-    """Time :meth:`Predictor.predict` on one triplet (preparation included; median and 90th
-    percentile of ``repeats`` calls, ms) and :meth:`Predictor.predict_batch` on ``batch`` triplets
-    (median, ms, and triplets/s), on the CPU with the current torch thread count."""
-    from autoalign.settings import load_settings
-    from autoalign.models.networks import count_parameters
-    from autoalign.models.predictor import Predictor
+
+def _test_triplet(settings: Any) -> np.ndarray:
     from autoalign.simulation import PSFSimulator
 
-    settings = load_settings(settings)
-    pred = Predictor.load(checkpoint_path, settings, force=force, device="cpu")
     sim = PSFSimulator.from_settings(settings)
     rng = np.random.default_rng(0)
     c = np.zeros(22)
     c[4:15] = rng.uniform(-0.2, 0.2, 11)
     photons = sim.orthosections(c) * settings.camera.peak_photons + settings.camera.background_photons
-    one = rng.poisson(photons).astype(np.float32)
-    many = np.repeat(one[None], batch, axis=0)
+    return rng.poisson(photons).astype(np.float32)
+
+
+def _time_single(fn: Any, x: np.ndarray, repeats: int) -> np.ndarray:
     for _ in range(10):
-        pred.predict(one)
-    single = []
+        fn(x)
+    out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        pred.predict(one)
-        single.append(time.perf_counter() - t0)
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return 1e3 * np.asarray(out)
+
+
+def inference_benchmark(checkpoint_path: str, settings: Any, repeats: int = 200, batch: int = 64,
+                        batch_repeats: int = 20, force: bool = True, fast: bool = True) -> dict[str, Any]:
+    """Time :meth:`Predictor.predict` on one triplet (preparation included; median and 90th
+    percentile of ``repeats`` calls, ms) and :meth:`Predictor.predict_batch` on ``batch`` triplets
+    (median, ms, and triplets/s), on the CPU with the current torch thread count. ``fast``: the
+    predictor's TorchScript fast path (when it passes its check at load)."""
+    from autoalign.settings import load_settings
+    from autoalign.models.networks import count_parameters
+    from autoalign.models.predictor import Predictor
+
+    settings = load_settings(settings)
+    pred = Predictor.load(checkpoint_path, settings, force=force, device="cpu", fast=fast)
+    one = _test_triplet(settings)
+    many = np.repeat(one[None], batch, axis=0)
+    single_ms = _time_single(pred.predict, one, repeats)
     pred.predict_batch(many)
     batched = []
     for _ in range(batch_repeats):
         t0 = time.perf_counter()
         pred.predict_batch(many)
         batched.append(time.perf_counter() - t0)
-    single_ms = 1e3 * np.asarray(single)
     batch_ms = 1e3 * float(np.median(batched))
     return {
         "checkpoint": str(pred.path), "arch": pred.arch, "parameters": count_parameters(pred.model),
+        "engine": pred.engine, "outputs": len(pred.modes) + 2 * pred.predicts_offset,
         "threads": torch.get_num_threads(), "single_ms_median": float(np.median(single_ms)),
         "single_ms_p90": float(np.percentile(single_ms, 90)), "batch": batch, "batch_ms": batch_ms,
-        "batch_triplets_per_s": batch / (batch_ms / 1e3), "target_single_ms": 2.0,
-        "meets_target": bool(np.median(single_ms) <= 2.0),
+        "batch_triplets_per_s": batch / (batch_ms / 1e3), "target_single_ms": TARGET_SINGLE_MS,
+        "meets_target": bool(np.median(single_ms) <= TARGET_SINGLE_MS),
     }
+
+
+def inference_comparison(checkpoint_path: str | None, settings: Any = None, threads: tuple[int, ...] = (1, 2),
+                         repeats: int = 300, force: bool = True) -> list[dict[str, Any]]:
+    """Single-triplet end-to-end latency (median, p90, ms) for each engine (eager, TorchScript,
+    ONNX Runtime if installed) and thread count, interleaved in one run. Also the share of the
+    time spent in :func:`prepare_sections` (binning, background, scaling)."""
+    from autoalign.settings import load_settings
+    from autoalign.models.data import prepare_sections
+    from autoalign.models.predictor import Predictor
+
+    settings = load_settings(settings)
+    eager = Predictor.load(checkpoint_path, settings, force=force, fast=False)
+    fast = Predictor.load(checkpoint_path, settings, force=force, fast=True)
+    one = _test_triplet(settings)
+    engines: list[tuple[str, Any]] = [("eager", eager.predict), (f"{fast.engine}", fast.predict)]
+    try:  # optional: only if already installed
+        import onnxruntime as ort  # type: ignore[import-not-found]
+
+        engines.append(("onnxruntime", _onnx_runner(eager, ort)))
+    except Exception:  # noqa: BLE001 - not installed or export failed
+        pass
+    saved = torch.get_num_threads()
+    rows = []
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            prep = _time_single(lambda x: prepare_sections(torch.from_numpy(x), eager.binning), one, repeats)
+            for name, fn in engines:
+                ms = _time_single(fn, one, repeats)
+                rows.append({"engine": name, "threads": t, "single_ms_median": float(np.median(ms)),
+                             "single_ms_p90": float(np.percentile(ms, 90)),
+                             "prepare_ms_median": float(np.median(prep)),
+                             "meets_target": bool(np.median(ms) <= TARGET_SINGLE_MS)})
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def _onnx_runner(pred: Any, ort: Any) -> Any:
+    import io
+
+    from autoalign.models.data import prepare_sections
+
+    m = pred.section_px // pred.binning
+    buf = io.BytesIO()
+    torch.onnx.export(pred.model, torch.zeros(1, 3, m, m), buf, input_names=["x"], output_names=["y"])
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        inp = prepare_sections(x[None], pred.binning)
+        return sess.run(None, {"x": inp})[0]
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="default: settings model.checkpoint")
+    p.add_argument("--settings", default=None)
+    p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    a = p.parse_args(argv)
+    rows = inference_comparison(a.checkpoint, a.settings, tuple(a.threads), a.repeats)
+    print(f"one measurement end to end (prepare + network, all heads), target <= {TARGET_SINGLE_MS} ms")
+    print(f"  {'engine':14s}{'threads':>8s}{'median ms':>11s}{'p90 ms':>9s}{'prepare ms':>12s}")
+    for r in rows:
+        print(f"  {r['engine']:14s}{r['threads']:8d}{r['single_ms_median']:11.3f}{r['single_ms_p90']:9.3f}"
+              f"{r['prepare_ms_median']:12.3f}")
+    base = {r["threads"]: r["single_ms_median"] for r in rows if r["engine"] == "eager"}
+    for r in rows:
+        if r["engine"] != "eager":
+            print(f"  {r['engine']} / eager at {r['threads']} thread(s): "
+                  f"{r['single_ms_median'] / base[r['threads']]:.2f}x the time")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

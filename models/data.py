@@ -8,13 +8,9 @@ section's border frame), divide by the triplet's maximum (so the input is indepe
 photon count). The per-channel mean/std normalisation that follows is the model's
 (``models.networks.Normaliser``), computed on the training split and stored in the checkpoint.
 
-Noise at load. Poisson statistics commute with binning (a sum of Poisson counts is Poisson with
-the summed mean) and Gaussian read noise adds in quadrature, so the loader bins the noise-free
-intensities once and draws the noise on the binned pixels: mean photons ``I_b peak + b^2 bg``,
-electrons ``Poisson(QE photons) + N(0, b sigma_read)``, back to photons ``/ QE`` -- the same
-distribution as noise on the full-resolution pixels followed by binning (ADU rounding aside), at
-a quarter of the cost. The read noise is drawn per sample in ``READ_NOISE_SCALE`` times the
-camera's. Photons per sample and background come from the data file (drawn at generation).
+Noise at load: :class:`simulation.noise.NoiseTransform` (re-exported here), drawn on the binned
+pixels. The data set's format is owned by :mod:`simulation.dataset`; this module reads through
+its ``read_split`` and ``iter_split_images``.
 """
 from __future__ import annotations
 

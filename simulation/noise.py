@@ -3,12 +3,21 @@ depth and saturation) and the finite size of the gold bead.
 
 Intensities from :class:`simulation.PSFSimulator` are normalised to the unaberrated beam's peak;
 ``peak_photons`` scales them to photons per pixel per frame at that peak. Pure functions of
-numpy arrays (or torch tensors for the training-time noise in ``models.data``).
+numpy arrays, and the camera noise that data sets add when they are loaded (torch tensors).
+
+Noise at load (:class:`NoiseTransform`). Poisson statistics commute with binning (a sum of
+Poisson counts is Poisson with the summed mean) and Gaussian read noise adds in quadrature, so
+the loader bins the noise-free intensities once and draws the noise on the binned pixels: mean
+photons ``I_b peak + b^2 bg``, electrons ``Poisson(QE photons) + N(0, b sigma_read)``, back to
+photons ``/ QE`` -- the same distribution as noise on the full-resolution pixels followed by
+binning (ADU rounding aside), at a quarter of the cost. The read noise is drawn per sample in
+``READ_NOISE_SCALE`` times the camera's. Photons per sample and background come from the data
+file (drawn at generation).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage

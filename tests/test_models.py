@@ -213,3 +213,24 @@ def test_shipped_default_model_reads_aberrations():
     pred = p.predict_batch(photons)[:, : len(p.modes)]
     rmse = np.sqrt(((pred - d["labels"][:, : len(p.modes)]) ** 2).mean())
     assert rmse < 0.1, rmse
+
+
+def test_torchscript_fast_path_matches_eager_and_falls_back(ckpt_path, monkeypatch, caplog):
+    """The predictor runs the traced/frozen network only when it reproduces the eager outputs;
+    otherwise it logs why and keeps the eager model (same API, same numbers)."""
+    import logging
+
+    import autoalign.models.predictor as mp
+
+    s = load_settings()
+    x = np.stack([_sections(np.random.default_rng(k)) for k in range(3)])
+    fast = Predictor.load(ckpt_path, s)
+    eager = Predictor.load(ckpt_path, s, fast=False)
+    assert fast.engine == "torchscript" and eager.engine == "eager"
+    assert fast.fast_path_difference <= mp.FAST_PATH_TOLERANCE
+    np.testing.assert_allclose(fast.predict_batch(x), eager.predict_batch(x), atol=1e-4)
+    monkeypatch.setattr(mp, "FAST_PATH_TOLERANCE", -1.0)  # no traced model can pass
+    with caplog.at_level(logging.INFO, logger="autoalign.models.predictor"):
+        fallback = Predictor.load(ckpt_path, s)
+    assert fallback.engine == "eager" and "using the eager model" in caplog.text
+    np.testing.assert_allclose(fallback.predict_batch(x), eager.predict_batch(x), atol=0)

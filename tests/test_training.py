@@ -142,6 +142,8 @@ def test_evaluate_and_commands(setup, capsys):
     assert (out / "training_curve.png").exists()
     r = evaluate(out / "best.pt", data, "test", resimulate=4)
     assert set(r["per_mode"]) == {"Z5", "Z7", "Z11"} and r["samples"] == 50
+    # 50 samples: no target is declared met or missed
+    assert r["verdict"]["judged"] is False and r["meets_target"] is None and r["verdict"]["rmse_mean"] is None
     assert 0 < r["correlation"]["true"]["median"] <= 1
     assert r["correlation"]["true"]["median"] > 0.9  # re-simulation reproduces the input
     json.loads(to_json(r))
@@ -157,3 +159,32 @@ def test_evaluate_and_commands(setup, capsys):
     with pytest.raises(CheckpointError, match="wavelength_um"):
         evaluate(out / "best.pt", data, settings=other, resimulate=0)
     assert np.isfinite(evaluate(out / "best.pt", data, settings=other, force=True, resimulate=0)["rmse_mean"])
+
+
+def test_target_verdicts_need_enough_samples():
+    from autoalign.models.evaluate import MIN_SAMPLES_FOR_TARGET, verdict
+
+    assert MIN_SAMPLES_FOR_TARGET >= 500
+    few = verdict(0.01, 0.02, 0.001, 499)
+    assert few["all_met"] is None and few["rmse_mean"] is None
+    ok = verdict(0.04, 0.07, 0.009, 500)
+    assert ok["all_met"] is True
+    assert verdict(0.04, 0.09, 0.009, 800)["all_met"] is False  # worst mode above 0.08
+    assert verdict(0.04, 0.07, 0.02, 800)["offset"] is False
+    assert verdict(0.06, 0.07, None, 800)["rmse_mean"] is False
+
+
+def test_robustness_rows_and_model_on_shared_outputs(setup):
+    """The robustness table has the nominal row and one row per factor edge, with finite RMSEs;
+    a model is evaluated on the outputs it shares with a data set."""
+    from autoalign.models.evaluate import ROBUSTNESS_FACTORS, robustness, robustness_table
+
+    s, data, root = setup
+    out = root / "rob"
+    train(data, out, s, epochs=1, batch=64, seed=0, progress=False, tensorboard=False, limit=64)
+    r = robustness(out / "last.pt", s, count=4, progress=False)
+    expected = 1 + sum(len(edges) for _, _, edges in ROBUSTNESS_FACTORS)
+    assert len(r["rows"]) == expected and r["rows"][0]["factor"] == "nominal"
+    assert all(np.isfinite(row["rmse_mean"]) and row["samples"] == 4 for row in r["rows"])
+    assert all(row["verdict"]["all_met"] is None for row in r["rows"])  # 4 samples: not judged
+    assert robustness_table(r).count("\n") == expected + 1
