@@ -6,6 +6,7 @@ engines side by side at 1 and 2 torch threads, in the same run; ONNX Runtime is 
 it is already installed (it is not a dependency). Run it as::
 
     python -m autoalign.models.benchmark [--checkpoint C] [--repeats 300] [--threads 1 2]
+    python -m autoalign.models.benchmark --sharding 1024 [--workers 2]   # sharded generation speed-up
 
 On a machine shared with other jobs the figures are noisy; the ratios within one run are what
 compares.
@@ -130,13 +131,60 @@ def _onnx_runner(pred: Any, ort: Any) -> Any:
     return run
 
 
+def sharding_benchmark(count: int = 1024, workers: int = 2, settings_path: str | None = None,
+                       seed: int = 0) -> dict[str, Any]:
+    """Wall time of ``autoalign simulate --shard`` with one worker process (shard 0/1) against
+    ``workers`` independent processes (shards i/workers) started together, same samples; also
+    the CPU seconds the processes used (the machine's other load shows as wall >> CPU)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    def run(n: int, folder: str) -> tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "autoalign.app.cli", "simulate", "--count", str(count), "--seed", str(seed),
+               "--out", f"{folder}/d.h5", "--quiet"] + (["--settings", settings_path] if settings_path else [])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], env=env, stdout=subprocess.DEVNULL)
+                 for i in range(n)]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError("a shard worker failed")
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        one_wall, one_cpu = run(1, a)
+        many_wall, many_cpu = run(workers, b)
+    return {"count": count, "workers": workers, "one_worker_s": one_wall, "workers_s": many_wall,
+            "speedup": one_wall / many_wall, "one_worker_cpu_s": one_cpu, "workers_cpu_s": many_cpu,
+            "samples_per_s_one": count / one_wall, "samples_per_s_workers": count / many_wall,
+            "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(), "target_speedup": 1.8}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="default: settings model.checkpoint")
     p.add_argument("--settings", default=None)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sharding", type=int, default=None, metavar="COUNT",
+                   help="instead: sharded generation, 1 vs --workers processes, COUNT samples")
+    p.add_argument("--workers", type=int, default=2)
     a = p.parse_args(argv)
+    if a.sharding:
+        r = sharding_benchmark(a.sharding, a.workers, a.settings)
+        print(f"sharded generation of {r['count']} samples ({r['cpu_count']} cores, load average "
+              f"{r['load_average']:.1f} at the end):")
+        print(f"  1 worker : {r['one_worker_s']:.1f} s wall ({r['samples_per_s_one']:.1f} samples/s), "
+              f"{r['one_worker_cpu_s']:.1f} s CPU")
+        print(f"  {r['workers']} workers: {r['workers_s']:.1f} s wall ({r['samples_per_s_workers']:.1f} samples/s), "
+              f"{r['workers_cpu_s']:.1f} s CPU")
+        print(f"  speed-up {r['speedup']:.2f}x (target >= {r['target_speedup']}x)")
+        return 0
     rows = inference_comparison(a.checkpoint, a.settings, tuple(a.threads), a.repeats)
     print(f"one measurement end to end (prepare + network, all heads), target <= {TARGET_SINGLE_MS} ms")
     print(f"  {'engine':14s}{'threads':>8s}{'median ms':>11s}{'p90 ms':>9s}{'prepare ms':>12s}")
