@@ -3,42 +3,52 @@ written to HDF5 (``autoalign simulate``).
 
 One sample
 ----------
-1. Aberration: each mode of ``dataset.modes`` uniform in +-``max_coefficient_rad``, the whole
-   vector scaled down when its RMS exceeds ``max_total_rms_rad``. A fraction of the samples is
-   rescaled to a smaller total RMS (:data:`RMS_MIX`) so that the model also sees the small
-   residual aberrations where the loop spends its last iterations.
-2. Optional vortex-mask offset (x, y) uniform in +-``max_offset`` pupil radii (when > 0).
-3. Bead diameter uniform in ``bead_diameter_range_um``; the sections are blurred by the bead.
-4. Centring, i.e. the frame the loop sees: the noise-free blurred sections are rendered, their
+1. Aberration over ``dataset.modes`` (labelled): an isotropic direction times a total RMS drawn
+   from the mixture ``rms_mix`` of ``max_total_rms_rad`` (:func:`draw_aberrations`), so that the
+   model sees both the far-off instrument (up to 2.2 rad RMS) and the loop's small residuals.
+2. Unlabelled higher-order content over ``unlabelled_modes`` with a decaying spectrum
+   (:func:`draw_higher_order`), rendered and stored but not labelled.
+3. Vortex-mask offset (x, y) uniform in +-``max_offset`` pupil radii (labels when > 0).
+4. Domain randomisation (:func:`draw_instrument`): NA, wavelength and pixel-size factors (per
+   group of :data:`INSTRUMENT_GROUP` samples), wrong-hand polarisation fraction and SLM phase
+   stroke (per sample); bead diameter; the sections are blurred by the bead on the true pixels.
+5. Centring, i.e. the frame the loop sees: the noise-free blurred sections are rendered, their
    centroid found (:func:`calibration.centroid.section_centroid`) and the tip/tilt/defocus that
-   moves the focus back by that displacement (:func:`calibration.optics.shift_to_zernike`) is
-   added (twice, :data:`CENTRING_ITERATIONS`); a residual decentring uniform in +-``decentre_px`` (pixels laterally, planes axially)
-   is added as tip/tilt/defocus too, and the sections are rendered again. The label is the
-   aberration (the ``dataset.modes`` coefficients), not the centring terms.
-5. Photon count at the unaberrated peak and background per pixel are drawn from
+   moves the focus back by that displacement (:func:`calibration.optics.shift_to_zernike`, with
+   the NOMINAL optics, as the loop would) is added (twice, :data:`CENTRING_ITERATIONS`); a
+   residual decentring uniform in +-``decentre_px`` (pixels laterally, planes axially) is added
+   as tip/tilt/defocus too, and the sections are rendered again (:func:`render_samples`). The
+   label is the aberration (the ``dataset.modes`` coefficients) and the offset, not the
+   centring terms.
+6. Photon count at the unaberrated peak and background per pixel are drawn from
    ``peak_photons_range`` and ``background_photons_range`` and STORED; the noise is added when
-   the data are loaded (fresh every epoch, :mod:`models.data`) unless ``bake_noise`` is asked.
+   the data are loaded (fresh every epoch, :class:`simulation.noise.NoiseTransform`) unless
+   ``bake_noise`` is asked.
 
-File layout (HDF5)
+File layout (HDF5) -- this module is the one owner of the format (writing and reading)
 ------------------
 For each split ``s`` in train, val, test (80/10/10 by default, ``dataset.val_fraction`` and
-``dataset.test_fraction``), in sample order:
+``dataset.test_fraction``), by global sample index:
 
 * ``s_img`` float32 (N, 3, n, n): xy[y, x], xz[z, x], yz[z, y]; normalised intensity (1 = the
-  unaberrated beam's peak), or photons when the noise was baked in (attribute ``noise_baked``).
+  nominal unaberrated beam's peak), or photons when the noise was baked in (``noise_baked``).
 * ``s_labels`` float32 (N, J): the ``modes`` coefficients in radians, then the mask offset
   (x, y) in pupil radii when ``has_offset``.
 * ``s_peak_photons``, ``s_background_photons``, ``s_bead_diameter_um`` float32 (N,).
 * ``s_centring_rad`` float32 (N, 3): the tip, tilt, defocus (Noll 2, 3, 4) applied, radians.
 * ``s_decentre_px`` float32 (N, 3): the residual decentring drawn (x, y pixels; z planes).
+* ``s_instrument`` float32 (N, 5): :data:`INSTRUMENT_FIELDS`.
+* ``s_higher_order_rad`` float32 (N, K): the ``unlabelled_modes`` coefficients, radians.
 
 Attributes: ``format`` (:data:`DATASET_FORMAT`), ``modes``, ``label_names``, ``label_units``,
 ``has_offset``, ``count``, ``splits``, ``seed``, ``settings_yaml``, ``code_version``, ``n_px``,
-``noise_baked``, ``image_units``, ``rms_mix``, ``created``, ``complete``.
+``noise_baked``, ``image_units``, ``rms_mix``, ``instrument_fields``, ``unlabelled_modes``,
+``created``, ``complete``; ``shard_files`` for a combined set.
 
-Determinism: sample ``i`` depends only on the seed and its chunk (:data:`CHUNK` samples drawn
-from ``numpy.random.default_rng([seed, chunk])``), so the file is the same for any number of
-workers.
+Determinism and shards: sample ``i`` depends only on the seed and its chunk (:data:`CHUNK`
+samples drawn from ``numpy.random.default_rng([seed, chunk])``), so the file is the same for any
+number of workers or shards. :func:`write_shard` writes a contiguous run of whole chunks;
+:func:`combine_shards` joins shards with HDF5 virtual data sets (no copy).
 """
 from __future__ import annotations
 
