@@ -195,7 +195,8 @@ class Predictor:
     ``.predicts_offset``, ``.predict(sections (3, n, n) photons) -> Prediction``,
     ``.predict_batch((B, 3, n, n)) -> (B, J[+2])``.
 
-    Fast path: with ``fast`` the network is traced and frozen with TorchScript at load and used
+    Fast path: with ``fast`` the network is traced, frozen and optimised for inference with
+    TorchScript at load and used
     only when its outputs on a probe batch match the eager model's (max abs difference <=
     :data:`FAST_PATH_TOLERANCE`); otherwise (or when tracing fails) the eager model is used and
     the reason logged. ``.engine`` says which: ``'torchscript'`` or ``'eager'``."""
@@ -227,6 +228,10 @@ class Predictor:
         try:
             with torch.inference_mode(False), torch.no_grad():
                 traced = torch.jit.freeze(torch.jit.trace(self.model, probe[:1], check_trace=False))
+                try:  # batch norm folded into the convolutions, MKLDNN where it pays (~15 % faster)
+                    traced = torch.jit.optimize_for_inference(traced)
+                except Exception as exc:  # noqa: BLE001 - keep the frozen module
+                    log.info("%s: optimize_for_inference skipped (%s)", self.path, exc)
                 ref = self.model(probe)
                 got = traced(probe)
                 got1 = traced(probe[:1])
