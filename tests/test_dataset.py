@@ -308,3 +308,25 @@ def test_same_file_for_any_number_of_workers(tmp_path, small_settings):
     with h5py.File(a) as fa, h5py.File(b) as fb:
         for key in fa:
             np.testing.assert_array_equal(fa[key][:], fb[key][:])
+
+
+def test_cli_shards_and_combine(tmp_path, small_settings, capsys):
+    from autoalign.app.cli import main
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(small_settings.to_yaml())
+    out = tmp_path / "cli.h5"
+    common = ["simulate", "--count", "6", "--out", str(out), "--settings", str(cfg), "--seed", "2", "--quiet"]
+    assert main(common + ["--shard", "2/2"]) == 2 and "0 <= i < N" in capsys.readouterr().err
+    assert main(common + ["--shard", "one/2"]) == 2 and "expected i/N" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(out), "--combine", "2"]) == 2
+    assert "missing" in capsys.readouterr().err
+    for i in range(2):
+        assert main(common + ["--shard", f"{i}/2"]) == 0
+    assert main(["simulate", "--out", str(out), "--combine", "2"]) == 0
+    assert "6 samples" in capsys.readouterr().out
+    single = write_dataset(small_settings, 6, tmp_path / "single.h5", seed=2, workers=1, progress=False)
+    with open_dataset(single) as a, open_dataset(out) as b:
+        np.testing.assert_array_equal(a["train_img"][:], b["train_img"][:])
+        np.testing.assert_array_equal(a["test_labels"][:], b["test_labels"][:])
+    assert main(common) == 2 and "--force" in capsys.readouterr().err  # out exists
