@@ -270,16 +270,18 @@ NOMINAL = {"na_scale_range": [1.0, 1.0], "wavelength_scale_range": [1.0, 1.0], "
 
 
 def robustness(checkpoint: str | Path, settings: Any = None, count: int = 500, seed: int = 7,
-               force: bool = False, progress: bool = True) -> dict[str, Any]:
+               force: bool = False, progress: bool = True, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Per-mode and offset RMSE (noisy inputs) on ``count`` fresh samples per row: the nominal
     instrument (NA, wavelength, pixel size at nominal, no wrong-hand light, SLM stroke 1, no
     decentring; bead, background and photons drawn from their ranges as in training), then one
     factor of :data:`ROBUSTNESS_FACTORS` at a time at each edge of its range. Aberrations,
-    offsets and unlabelled content are drawn as in training (``settings.dataset``)."""
+    offsets and unlabelled content are drawn as in training (``settings.dataset``).
+    ``cache_dir``: keep each row's rendered samples there (``robustness_<row>.npz``, reused when
+    the settings, seed and count match), so that several checkpoints compare on the same samples
+    without re-rendering."""
     from tqdm import tqdm
 
     from autoalign.settings import load_settings
-    from autoalign.simulation.dataset import CHUNK, generate_chunk
     from autoalign.simulation.noise import NoiseTransform
 
     settings = load_settings(settings)
@@ -302,16 +304,13 @@ def robustness(checkpoint: str | Path, settings: Any = None, count: int = 500, s
             over[f"dataset.{key}"] = value if key == "decentre_px" else [value, value]
         s = settings.replace(**over)
         preds, trues = [], []
-        for k in range(0, count, CHUNK):
-            n = min(CHUNK, count - k)
-            d = generate_chunk(s, seed, 10_000 * r + k // CHUNK, n)
+        for k, d in _robustness_chunks(s, seed, r, count, cache_dir, bar):
             g = torch.Generator().manual_seed(seed + 31 * r + k)
             x = bin_sections(torch.from_numpy(d["img"]), binning)
             photons = transform(x, torch.from_numpy(d["peak_photons"]), torch.from_numpy(d["background_photons"]), g)
             with torch.no_grad():
                 preds.append(model(prepare_sections(photons, 1)).numpy())
             trues.append(d["labels"])
-            bar.update(n)
         pred = np.concatenate(preds).astype(np.float64)
         true = np.concatenate(trues).astype(np.float64)
         data_names = [f"Z{m}" for m in s.dataset.modes] + (["offset_x", "offset_y"] if s.dataset.max_offset > 0 else [])
@@ -331,6 +330,32 @@ def robustness(checkpoint: str | Path, settings: Any = None, count: int = 500, s
     bar.close()
     return {"checkpoint": str(checkpoint), "count": int(count), "seed": int(seed), "rows": out_rows,
             "targets": TARGETS, "modes": [int(m) for m in ckpt["modes"]][:J]}
+
+
+def _robustness_chunks(s: Any, seed: int, row: int, count: int, cache_dir: str | Path | None,
+                       bar: Any) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The samples of one robustness row as (start, arrays) chunks, rendered or from the cache."""
+    import hashlib
+
+    from autoalign.simulation.dataset import CHUNK, generate_chunk
+
+    keys = ("img", "labels", "peak_photons", "background_photons")
+    key = hashlib.sha256(f"{s.to_yaml()}|{seed}|{row}|{count}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"robustness_{row:02d}_{key}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        with np.load(path) as z:
+            bar.update(count)
+            return [(0, {k: z[k] for k in keys})]
+    chunks = []
+    for k in range(0, count, CHUNK):
+        d = generate_chunk(s, seed, 10_000 * row + k // CHUNK, min(CHUNK, count - k))
+        chunks.append((k, {name: d[name] for name in keys}))
+        bar.update(len(d["labels"]))
+    whole = {name: np.concatenate([c[name] for _, c in chunks]) for name in keys}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **whole)
+    return [(0, whole)]  # one block: the noise stream is the same cached or not
 
 
 def robustness_table(result: dict[str, Any]) -> str:

@@ -188,3 +188,8 @@ def test_robustness_rows_and_model_on_shared_outputs(setup):
     assert all(np.isfinite(row["rmse_mean"]) and row["samples"] == 4 for row in r["rows"])
     assert all(row["verdict"]["all_met"] is None for row in r["rows"])  # 4 samples: not judged
     assert robustness_table(r).count("\n") == expected + 1
+    cached = robustness(out / "last.pt", s, count=4, progress=False, cache_dir=root / "cache")
+    again = robustness(out / "last.pt", s, count=4, progress=False, cache_dir=root / "cache")
+    assert len(list((root / "cache").glob("robustness_*.npz"))) == expected
+    assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in again["rows"]]
+    assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in r["rows"]]

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--robustness", action="store_true",
                    help="robustness table: fresh samples with each randomised factor at the edge of its range")
     p.add_argument("--count", type=int, default=500, help="samples per robustness row")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep/reuse the robustness samples here (compare checkpoints on the same samples)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--seed", type=int, default=0, help="seed of the camera noise")
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         from autoalign.models.evaluate import robustness, robustness_table, verdict_text
 
         rb = robustness(args.checkpoint, settings, count=args.count, seed=args.seed if args.seed else 7,
-                        force=args.force)
+                        force=args.force, cache_dir=args.cache_dir)
         if args.json:
             print(json.dumps(rb, indent=2))
             return 0
