@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resimulate", type=int, default=200,
                    help="samples re-simulated for the correlation check (0: skip)")
     p.add_argument("--no-noise", action="store_true", help="noise-free inputs")
+    p.add_argument("--max-true-rms", type=float, default=None,
+                   help="only samples whose true aberration RMS is at most this (rad)")
     p.add_argument("--force", action="store_true", help="use a checkpoint made for other optics")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--plots", default=None, help="folder for scatter.png and errors.png")
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print("autoalign evaluate: --data is required (or --robustness)")
         return 2
     r = evaluate(args.checkpoint, args.data, args.split, settings, force=args.force, seed=args.seed,
-                 limit=args.limit, resimulate=args.resimulate, noise=not args.no_noise)
+                 limit=args.limit, resimulate=args.resimulate, noise=not args.no_noise,
+                 max_true_rms=args.max_true_rms)
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         plot_scatter(r, Path(args.plots) / "scatter.png")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         print(to_json(r))
         return 0
     print(f"{r['arch']} on {r['data']} [{r['split']}], {r['samples']} samples, "
-          f"{'noisy' if r['noise'] else 'noise-free'} inputs")
+          f"{'noisy' if r['noise'] else 'noise-free'} inputs"
+          + (f", true RMS <= {r['max_true_rms']} rad" if r["max_true_rms"] is not None else ""))
     print(f"  {'output':10s}{'RMSE (rad)':>12s}{'R^2':>8s}")
     for name, m in r["per_mode"].items():
         print(f"  {name:10s}{m['rmse']:12.4f}{m['r2']:8.3f}")
