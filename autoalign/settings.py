@@ -362,10 +362,11 @@ def _cross_checks(s: Settings, errors: list[str]) -> None:
             errors.append(f"key '{section}.modes' = {modes!r}: expected Noll indices >= 1")
         if len(set(modes)) != len(modes):
             errors.append(f"key '{section}.modes' = {modes!r}: expected no repeated mode")
-    if s.model.modes != s.dataset.modes:
+    if not set(s.model.modes) <= set(s.dataset.modes):
         errors.append(
-            f"key 'model.modes' = {s.model.modes!r}: expected the same list as dataset.modes "
-            f"({s.dataset.modes!r})"
+            f"key 'model.modes' = {s.model.modes!r}: expected modes that dataset.modes "
+            f"({s.dataset.modes!r}) labels (the same list, or a subset while the shipped model "
+            "predicts fewer modes than new data sets carry)"
         )
     if s.stack.planes != s.camera.roi_px:
         errors.append(

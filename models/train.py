@@ -126,12 +126,13 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
           schedule: str = "cosine", limit: int | None = None, progress: bool = True,
           tensorboard: bool = True, export: str | Path | None = None,
           dropout: float = 0.1, offset_weight: float = OFFSET_WEIGHT,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, predict_offset: bool | None = None) -> dict[str, Any]:
     """Train a model on ``data`` and write ``best.pt``, ``last.pt``, ``log.csv`` and ``tb/`` to
     ``out_dir``. ``export``: also write the best model without optimizer state there. Returns a
     summary (best epoch and validation loss, per-mode validation RMSE, time). ``resume``
     continues model, optimizer, schedule, epoch count, history and best loss; ``epochs`` <= 0
-    takes the resumed run's own total. ``stop_after``: stop after that epoch (the schedule still
+    takes the resumed run's own total. ``predict_offset``: train the mask-offset head (default:
+    ``settings.model.predict_offset``; a resumed run keeps its own). ``stop_after``: stop after that epoch (the schedule still
     spans ``epochs``; continue later with ``resume``). Runs distributed under torchrun (module
     docstring)."""
     from tqdm import tqdm
@@ -176,8 +177,10 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     if list(settings.model.modes) != modes:
         log.warning("data modes %s differ from model.modes %s: training on the data's modes",
                     modes, settings.model.modes)
-    predict_offset = (bool(resume_ckpt["predict_offset"]) if resume_ckpt is not None
-                      else bool(settings.model.predict_offset))
+    if resume_ckpt is not None:
+        predict_offset = bool(resume_ckpt["predict_offset"])
+    elif predict_offset is None:
+        predict_offset = bool(settings.model.predict_offset)
     if predict_offset and not train_ds.has_offset:
         raise ValueError(f"{data}: predicting the mask offset needs a data set with the offset "
                          "(dataset.max_offset > 0)")

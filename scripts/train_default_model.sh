@@ -24,7 +24,7 @@ if [ ! -f "$DATA" ]; then
   "$AA" simulate --combine "$SHARDS" --out "$DATA"
 fi
 args=(train --data "$DATA" --out "$RUN" --arch ResNet --epochs "$EPOCHS" --batch 64 --lr 1e-3 --seed 0
-      --threads "$THREADS" --no-tensorboard)
+      --threads "$THREADS" --no-tensorboard --offset)
 if [ -f "$RUN/last.pt" ]; then
   args+=(--resume "$RUN/last.pt")
 elif [ -n "$WARM" ]; then

@@ -330,3 +330,19 @@ def test_cli_shards_and_combine(tmp_path, small_settings, capsys):
         np.testing.assert_array_equal(a["train_img"][:], b["train_img"][:])
         np.testing.assert_array_equal(a["test_labels"][:], b["test_labels"][:])
     assert main(common) == 2 and "--force" in capsys.readouterr().err  # out exists
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("dataset.slm_stroke_range", [1.05, 0.85], "expected 0 <= low <= high"),
+    ("dataset.rms_mix", [[0.5, 1.0], [0.2, 0.5]], "summing to 1"),
+    ("dataset.unlabelled_modes", [15, 23], "not in dataset.modes"),
+    ("dataset.polarisation_impurity_range", [0.0, 0.7], "<= 0.5"),
+    ("dataset.na_scale_range", [1.0, 1.1], "immersion_index"),
+    ("model.modes", [5, 6, 40], "dataset.modes"),
+])
+def test_bad_dataset_settings_are_named(key, value, words):
+    from autoalign.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")) as info:
+        load_settings().replace(**{key: value})
+    assert words in str(info.value)

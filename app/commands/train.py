@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warm-start", default=None, help="start from another checkpoint's weights")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop after this epoch (the schedule still spans --epochs; continue with --resume)")
+    p.add_argument("--offset", dest="predict_offset", action="store_true", default=None,
+                   help="train the mask-offset head too (default: model.predict_offset)")
+    p.add_argument("--no-offset", dest="predict_offset", action="store_false",
+                   help="modes only, even if model.predict_offset is true")
     p.add_argument("--offset-weight", type=float, default=None,
                    help="loss weight of the mask-offset outputs (default 25 = (0.05 rad / 0.01)^2)")
     p.add_argument("--seed", type=int, default=0)
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                     lr=args.lr, resume=args.resume, warm_start=args.warm_start, seed=args.seed,
                     device=args.device, schedule=args.schedule, limit=args.limit,
                     progress=not args.quiet, tensorboard=not args.no_tensorboard, export=args.export,
-                    stop_after=args.stop_after,
+                    stop_after=args.stop_after, predict_offset=args.predict_offset,
                     **({} if args.offset_weight is None else {"offset_weight": args.offset_weight}))
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return 0
