@@ -211,7 +211,14 @@ def test_shipped_model_reads_aberrations_and_offset():
     1 rad RMS, 2000 photons) to within its documented accuracy (docs/model.md) with margin."""
     from autoalign.simulation.dataset import generate_chunk
 
-    s = SHIPPED_SETTINGS.replace(**{"dataset.rms_mix": [[1.0, min(1.0, 1.0 / SHIPPED_SETTINGS.dataset.max_total_rms_rad)]]})
+    s = SHIPPED_SETTINGS
+    domain = {"dataset.rms_mix": [[1.0, min(1.0, 1.0 / s.dataset.max_total_rms_rad)]], "dataset.modes": s.model.modes}
+    if not s.model.predict_offset:  # the previous (Noll 5..15) model's domain: no offset, nominal instrument
+        domain.update({"dataset.max_offset": 0.0, "dataset.unlabelled_modes": [],
+                       "dataset.na_scale_range": [1.0, 1.0], "dataset.wavelength_scale_range": [1.0, 1.0],
+                       "dataset.pixel_scale_range": [1.0, 1.0], "dataset.polarisation_impurity_range": [0.0, 0.0],
+                       "dataset.slm_stroke_range": [1.0, 1.0]})
+    s = s.replace(**domain)
     p = Predictor.load(None, s)
     assert p.modes == list(s.model.modes) and p.predicts_offset == s.model.predict_offset
     d = generate_chunk(s, 987, 0, 64)
