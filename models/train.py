@@ -255,13 +255,16 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
         "noise": "Poisson + Gaussian read noise at load, fresh every epoch",
     }
 
+    # the code that runs is the code at the start (later commits do not change a running process)
+    started_code_version = code_version()
+
     def checkpoint(epoch: int, val_rmse: list[float], elapsed: float) -> dict[str, Any]:
         return {
             "arch": arch, "modes": modes, "predict_offset": predict_offset, "n_outputs": n_out,
             "input_size": int(input_size), "binning": binning, "normalisation": normalisation,
             "optics": lock, "training": training_info, "epoch": epoch, "best_val_loss": best,
             "val_rmse": val_rmse, "history": history, "train_seconds": elapsed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_version": code_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_version": started_code_version,
             "parameters": count_parameters(net),
             "state_dict": net.state_dict(), "optimizer_state": optimizer.state_dict(),
             "scheduler_state": sched.state_dict(),
