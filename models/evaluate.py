@@ -295,7 +295,8 @@ def robustness(checkpoint: str | Path, settings: Any = None, count: int = 500, s
 
     settings = load_settings(settings)
     ckpt = read_checkpoint(checkpoint)
-    check_lock(ckpt, settings, checkpoint, force)
+    modes_of_model = [int(m) for m in ckpt["modes"]]
+    check_lock(ckpt, settings.replace(**{"model.modes": modes_of_model}), checkpoint, force)
     model = model_from_checkpoint(ckpt, checkpoint)
     binning = int(ckpt["binning"])
     names = output_names(ckpt)
