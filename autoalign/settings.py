@@ -223,7 +223,6 @@ class ModelSettings:
 @dataclass(frozen=True)
 class DatasetSettings:
     modes: list[int] = _f()
-    max_coefficient_rad: float = _f(ge=0.0)
     max_total_rms_rad: float = _f(ge=0.0)
     max_offset: float = _f(ge=0.0, lt=1.0)
     peak_photons_range: list[float] = _f(length=2)
@@ -232,6 +231,17 @@ class DatasetSettings:
     decentre_px: float = _f(ge=0.0)
     val_fraction: float = _f(ge=0.0, lt=0.5)
     test_fraction: float = _f(ge=0.0, lt=0.5)
+    # optional keys (added later; data sets written before them stay readable)
+    max_coefficient_rad: float = _f(0.0, ge=0.0)
+    rms_mix: list[list[float]] = _f([[0.15, 0.15], [0.35, 0.5], [0.5, 1.0]])
+    unlabelled_modes: list[int] = _f([])
+    higher_order_rms_range_rad: list[float] = _f([0.0, 0.0], length=2)
+    higher_order_decay: float = _f(2.0, ge=0.0)
+    na_scale_range: list[float] = _f([1.0, 1.0], length=2)
+    wavelength_scale_range: list[float] = _f([1.0, 1.0], length=2)
+    pixel_scale_range: list[float] = _f([1.0, 1.0], length=2)
+    polarisation_impurity_range: list[float] = _f([0.0, 0.0], length=2)
+    slm_stroke_range: list[float] = _f([1.0, 1.0], length=2)
 
 
 @dataclass(frozen=True)
@@ -476,10 +486,11 @@ def _cross_checks(s: Settings, errors: list[str]) -> None:
             errors.append(f"key '{section}.modes' = {modes!r}: expected Noll indices >= 1")
         if len(set(modes)) != len(modes):
             errors.append(f"key '{section}.modes' = {modes!r}: expected no repeated mode")
-    if s.model.modes != s.dataset.modes:
+    if not set(s.model.modes) <= set(s.dataset.modes):
         errors.append(
-            f"key 'model.modes' = {s.model.modes!r}: expected the same list as dataset.modes "
-            f"({s.dataset.modes!r})"
+            f"key 'model.modes' = {s.model.modes!r}: expected modes that dataset.modes "
+            f"({s.dataset.modes!r}) labels (the same list, or a subset while the shipped model "
+            "predicts fewer modes than new data sets carry)"
         )
     if s.stack.planes != s.camera.roi_px:
         errors.append(
@@ -491,10 +502,27 @@ def _cross_checks(s: Settings, errors: list[str]) -> None:
             f"key 'model.binning' = {s.model.binning}: expected a divisor of camera.roi_px "
             f"({s.camera.roi_px})"
         )
-    for key in ("peak_photons_range", "background_photons_range", "bead_diameter_range_um"):
+    for key in ("peak_photons_range", "background_photons_range", "bead_diameter_range_um",
+                "higher_order_rms_range_rad", "na_scale_range", "wavelength_scale_range",
+                "pixel_scale_range", "polarisation_impurity_range", "slm_stroke_range"):
         lo, hi = getattr(s.dataset, key)
         if not 0 <= lo <= hi:
             errors.append(f"key 'dataset.{key}' = {[lo, hi]!r}: expected 0 <= low <= high")
+    if s.dataset.polarisation_impurity_range[1] > 0.5:
+        errors.append(f"key 'dataset.polarisation_impurity_range' = {s.dataset.polarisation_impurity_range!r}: "
+                      "expected a wrong-hand fraction <= 0.5")
+    if s.dataset.na_scale_range[1] * s.optics.numerical_aperture >= s.optics.immersion_index:
+        errors.append(f"key 'dataset.na_scale_range' = {s.dataset.na_scale_range!r}: the largest NA "
+                      f"must stay below optics.immersion_index ({s.optics.immersion_index})")
+    mix = s.dataset.rms_mix
+    if (not mix or any(len(m) != 2 or m[0] < 0 or m[1] < 0 for m in mix)
+            or abs(sum(m[0] for m in mix) - 1) > 1e-6):
+        errors.append(f"key 'dataset.rms_mix' = {mix!r}: expected [[fraction, scale], ...] with "
+                      "fractions >= 0 summing to 1 and scales >= 0")
+    overlap = sorted(set(s.dataset.unlabelled_modes) & set(s.dataset.modes))
+    if overlap or any(not isinstance(m, int) or m < 5 for m in s.dataset.unlabelled_modes):
+        errors.append(f"key 'dataset.unlabelled_modes' = {s.dataset.unlabelled_modes!r}: expected Noll "
+                      f"indices >= 5 not in dataset.modes")
     if s.dataset.val_fraction + s.dataset.test_fraction >= 1:
         errors.append("keys 'dataset.val_fraction' + 'dataset.test_fraction': expected a sum < 1")
 

@@ -8,13 +8,9 @@ section's border frame), divide by the triplet's maximum (so the input is indepe
 photon count). The per-channel mean/std normalisation that follows is the model's
 (``models.networks.Normaliser``), computed on the training split and stored in the checkpoint.
 
-Noise at load. Poisson statistics commute with binning (a sum of Poisson counts is Poisson with
-the summed mean) and Gaussian read noise adds in quadrature, so the loader bins the noise-free
-intensities once and draws the noise on the binned pixels: mean photons ``I_b peak + b^2 bg``,
-electrons ``Poisson(QE photons) + N(0, b sigma_read)``, back to photons ``/ QE`` -- the same
-distribution as noise on the full-resolution pixels followed by binning (ADU rounding aside), at
-a quarter of the cost. The read noise is drawn per sample in ``READ_NOISE_SCALE`` times the
-camera's. Photons per sample and background come from the data file (drawn at generation).
+Noise at load: :class:`simulation.noise.NoiseTransform` (re-exported here), drawn on the binned
+pixels. The data set's format is owned by :mod:`simulation.dataset`; this module reads through
+its ``read_split`` and ``iter_split_images``.
 """
 from __future__ import annotations
 
@@ -25,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoalign.simulation.dataset import DatasetError, SPLITS, dataset_info, open_dataset
+from autoalign.simulation.dataset import (  # noqa: F401 (DatasetError re-exported)
+    DatasetError, SPLITS, dataset_info, iter_split_images, read_split,
+)
+from autoalign.simulation.noise import READ_NOISE_SCALE, NoiseTransform, add_noise_numpy  # noqa: F401 (re-exported)
 
-READ_NOISE_SCALE = (0.5, 2.0)
 BORDER_PX = 2  # width (binned pixels) of the border frame whose median is the background
 
 
@@ -71,47 +69,6 @@ def prepare_sections(sections_photons: Any, binning: int) -> Any:
     return x.numpy() if is_numpy else x
 
 
-class NoiseTransform:
-    """Camera noise on (binned) noise-free intensities, in photons (see the module docstring).
-
-    ``__call__(intensity (B, 3, m, m), peak (B,), background (B,), generator)`` -> photons."""
-
-    def __init__(self, quantum_efficiency: float, read_noise_electrons: float, binning: int = 1,
-                 read_noise_scale: tuple[float, float] = READ_NOISE_SCALE) -> None:
-        self.qe = float(quantum_efficiency)
-        self.read = float(read_noise_electrons)
-        self.binning = int(binning)
-        self.read_noise_scale = read_noise_scale
-
-    @classmethod
-    def from_settings(cls, settings: Any, binning: int) -> "NoiseTransform":
-        return cls(settings.camera.quantum_efficiency, settings.camera.read_noise_electrons, binning)
-
-    def __call__(self, intensity: torch.Tensor, peak: torch.Tensor, background: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        b2 = self.binning**2
-        shape = (-1,) + (1,) * (intensity.ndim - 1)
-        mean = intensity.clamp_min(0) * peak.reshape(shape) + b2 * background.reshape(shape)
-        electrons = torch.poisson(mean * self.qe, generator=generator)
-        lo, hi = self.read_noise_scale
-        scale = lo + (hi - lo) * torch.rand(peak.shape, generator=generator, device=intensity.device)
-        sigma = (self.read * self.binning * scale).reshape(shape)
-        electrons = electrons + sigma * torch.randn(intensity.shape, generator=generator,
-                                                    device=intensity.device)
-        return electrons / self.qe
-
-
-def add_noise_numpy(intensity: np.ndarray, peak: np.ndarray, background: np.ndarray,
-                    quantum_efficiency: float, read_noise_electrons: float,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Noise on full-resolution intensities (N, 3, n, n) -> photons (numpy; baked data sets)."""
-    shape = (-1, 1, 1, 1)
-    mean = np.clip(intensity, 0, None) * np.reshape(peak, shape) + np.reshape(background, shape)
-    electrons = rng.poisson(mean * quantum_efficiency).astype(float)
-    electrons += rng.normal(0.0, read_noise_electrons, size=electrons.shape)
-    return electrons / quantum_efficiency
-
-
 class PSFDataset(torch.utils.data.Dataset):
     """One split of an ``autoalign simulate`` file, held in memory already binned.
 
@@ -130,21 +87,16 @@ class PSFDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.binning = int(binning)
         self.noise_baked = self.info["noise_baked"]
-        with open_dataset(path) as f:
-            try:
-                n = f[f"{split}_img"].shape[0] if limit is None else min(limit, f[f"{split}_img"].shape[0])
-                imgs = []
-                for a in range(0, n, 2048):
-                    block = torch.from_numpy(f[f"{split}_img"][a: min(n, a + 2048)])
-                    imgs.append(bin_sections(block, self.binning))
-                m = self.info["n_px"] // self.binning
-                self.images = torch.cat(imgs) if imgs else torch.zeros(0, 3, m, m)
-                self.labels = torch.from_numpy(f[f"{split}_labels"][:n])
-                self.peak = torch.from_numpy(f[f"{split}_peak_photons"][:n])
-                self.background = torch.from_numpy(f[f"{split}_background_photons"][:n])
-                self.meta = {k: f[f"{split}_{k}"][:n] for k in ("bead_diameter_um", "centring_rad")}
-            except (KeyError, OSError, ValueError, TypeError) as exc:
-                raise DatasetError(f"{self.path}: cannot read split '{split}' ({exc})") from exc
+        m = self.info["n_px"] // self.binning
+        imgs = [bin_sections(torch.from_numpy(block), self.binning)
+                for block in iter_split_images(path, split, limit)]
+        self.images = torch.cat(imgs) if imgs else torch.zeros(0, 3, m, m)
+        arrays = read_split(path, split, ("labels", "peak_photons", "background_photons", "bead_diameter_um",
+                                          "centring_rad", "instrument", "higher_order_rad"), limit)
+        self.labels = torch.from_numpy(arrays.pop("labels"))
+        self.peak = torch.from_numpy(arrays.pop("peak_photons"))
+        self.background = torch.from_numpy(arrays.pop("background_photons"))
+        self.meta = arrays  # bead_diameter_um, centring_rad, instrument, higher_order_rad (when stored)
         if not (torch.all(torch.isfinite(self.images)) and torch.all(torch.isfinite(self.labels))):
             raise DatasetError(f"{self.path}: split '{split}' contains NaN or infinity")
 
@@ -175,10 +127,15 @@ class PSFDataset(torch.utils.data.Dataset):
         return self._inputs(idx, None)[0], self.labels[int(i)]
 
     def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Prepared (inputs, labels) batches; fresh noise each call (drawn from ``generator``)."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+                indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Prepared (inputs, labels) batches; fresh noise each call (drawn from ``generator``).
+        ``indices``: the samples, in this order (e.g. a rank's share from a DistributedSampler)."""
+        if indices is not None:
+            order = torch.as_tensor(indices, dtype=torch.long)
+        else:
+            n = len(self)
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        n = len(order)
         for a in range(0, n, batch_size):
             idx = order[a: a + batch_size]
             yield self._inputs(idx, generator), self.labels[idx]

@@ -10,6 +10,19 @@ The learning rate follows a cosine decay from ``lr`` to ``lr / 50`` over the run
 The optics lock of the model comes from the settings stored in the data file (the optics the
 data were rendered for); the architecture default, the binning and whether to predict the mask
 offset come from the ``settings`` passed in.
+
+Loss: ``sum_k w_k mean_batch (pred_k - true_k)^2`` with ``w = 1`` for the Zernike modes (rad)
+and ``w = offset_weight`` (default 25 = (0.05 rad / 0.01 pupil radii)^2, the ratio of the
+targets squared) for the two mask-offset outputs (pupil radii), so that both heads are pulled
+toward their targets alike.
+
+Distributed: under ``torchrun --nproc_per_node N`` (environment ``WORLD_SIZE`` > 1) the model is
+wrapped in DistributedDataParallel (gloo on CPU, nccl on CUDA), each rank draws its share of
+every epoch's permutation through a ``DistributedSampler`` (same seed on every rank, the epoch
+set with ``set_epoch``) and its own noise stream; rank 0 alone validates, logs and writes the
+checkpoints; the others wait at a barrier. The batch size is per rank (effective batch
+``N x batch``). On CUDA the forward pass runs under autocast (bf16 where supported, else fp16
+with a gradient scaler); on CPU it stays float32.
 """
 from __future__ import annotations
 
@@ -40,10 +53,19 @@ def _device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+OFFSET_WEIGHT = 25.0
+
+
+def loss_weights(n_modes: int, predict_offset: bool, offset_weight: float = OFFSET_WEIGHT) -> torch.Tensor:
+    """Per-output loss weights: 1 per mode, ``offset_weight`` per offset output."""
+    return torch.tensor([1.0] * n_modes + ([offset_weight] * 2 if predict_offset else []))
+
+
 def evaluate_loss(model: torch.nn.Module, dataset: PSFDataset, n_out: int, batch: int,
-                  device: torch.device, seed: int = 12345) -> tuple[float, np.ndarray]:
-    """Loss (sum over outputs of the mean squared error) and per-output RMSE on ``dataset`` with
-    noise drawn from a fixed seed."""
+                  device: torch.device, seed: int = 12345,
+                  weights: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
+    """Loss (weighted sum over outputs of the mean squared error, :func:`loss_weights`) and
+    per-output RMSE on ``dataset`` with noise drawn from a fixed seed."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     sq = torch.zeros(n_out, dtype=torch.float64)
@@ -54,7 +76,29 @@ def evaluate_loss(model: torch.nn.Module, dataset: PSFDataset, n_out: int, batch
             sq += ((out - y[:, :n_out]) ** 2).sum(0).double()
             count += len(y)
     mse = (sq / max(count, 1)).numpy()
-    return float(mse.sum()), np.sqrt(mse)
+    w = np.ones(n_out) if weights is None else weights.double().numpy()
+    return float((w * mse).sum()), np.sqrt(mse)
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) without it."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _autocast(dev: torch.device) -> tuple[Any, Any]:
+    """(autocast context factory, gradient scaler or None): mixed precision on CUDA only."""
+    import contextlib
+
+    if dev.type != "cuda":
+        return contextlib.nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
 
 class _TB:
@@ -82,10 +126,16 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
           warm_start: str | Path | None = None, seed: int = 0, device: str | None = None,
           schedule: str = "cosine", limit: int | None = None, progress: bool = True,
           tensorboard: bool = True, export: str | Path | None = None,
-          dropout: float = 0.1) -> dict[str, Any]:
+          dropout: float = 0.1, offset_weight: float = OFFSET_WEIGHT,
+          stop_after: int | None = None, predict_offset: bool | None = None) -> dict[str, Any]:
     """Train a model on ``data`` and write ``best.pt``, ``last.pt``, ``log.csv`` and ``tb/`` to
     ``out_dir``. ``export``: also write the best model without optimizer state there. Returns a
-    summary (best epoch and validation loss, per-mode validation RMSE, time)."""
+    summary (best epoch and validation loss, per-mode validation RMSE, time). ``resume``
+    continues model, optimizer, schedule, epoch count, history and best loss; ``epochs`` <= 0
+    takes the resumed run's own total. ``predict_offset``: train the mask-offset head (default:
+    ``settings.model.predict_offset``; a resumed run keeps its own). ``stop_after``: stop after that epoch (the schedule still
+    spans ``epochs``; continue later with ``resume``). Runs distributed under torchrun (module
+    docstring)."""
     from tqdm import tqdm
 
 
@@ -93,13 +143,28 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     t_start = time.time()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+    rank, world, local_rank = _distributed()
     dev = _device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local_rank)
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    main = rank == 0
+    progress = progress and main
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     data_settings = dataset_settings(data)
     resume_ckpt = read_checkpoint(resume) if resume else None
     warm_ckpt = read_checkpoint(warm_start) if warm_start else None
+    if epochs <= 0:
+        epochs = (int(resume_ckpt.get("training", {}).get("epochs", 0)) or int(resume_ckpt["epoch"])
+                  if resume_ckpt is not None else 15)
     base = resume_ckpt or warm_ckpt
     arch = arch or (base["arch"] if base else settings.model.architecture)
     binning = int(base["binning"]) if base else settings.model.binning
@@ -112,7 +177,10 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     if list(settings.model.modes) != modes:
         log.warning("data modes %s differ from model.modes %s: training on the data's modes",
                     modes, settings.model.modes)
-    predict_offset = bool(base["predict_offset"]) if base else bool(settings.model.predict_offset)
+    if resume_ckpt is not None:
+        predict_offset = bool(resume_ckpt["predict_offset"])
+    elif predict_offset is None:
+        predict_offset = bool(settings.model.predict_offset)
     if predict_offset and not train_ds.has_offset:
         raise ValueError(f"{data}: predicting the mask offset needs a data set with the offset "
                          "(dataset.max_offset > 0)")
@@ -121,14 +189,22 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     lock = optics_lock(data_settings.replace(**{"model.modes": modes, "dataset.modes": modes}))
 
     if base is not None:
-        if base["optics"] != lock:
+        # a warm start may change the mode list (only the weights that fit are taken)
+        ignore = ("modes",) if resume_ckpt is None else ()
+        if {k: v for k, v in base["optics"].items() if k not in ignore} != {
+                k: v for k, v in lock.items() if k not in ignore}:
             raise CheckpointError(f"{resume or warm_start}: made for other optics/modes than {data}")
         normalisation = base["normalisation"]
     else:
         normalisation = compute_normalisation(train_ds, seed=seed)
     model = build_model(arch, len(modes), predict_offset, input_size, normalisation, dropout).to(dev)
+    weights = loss_weights(len(modes), predict_offset, offset_weight)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = math.ceil(len(train_ds) / batch)
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(
+            range(len(train_ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    steps_per_epoch = math.ceil((len(sampler) if sampler is not None else len(train_ds)) / batch)
     total_steps = max(1, epochs * steps_per_epoch)
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -161,15 +237,26 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             log.warning("warm start: %d tensors not taken from %s (shape or name differs): %s",
                         len(skipped), warm_start, ", ".join(skipped[:6]))
 
+    net = model  # the module whose state is saved and evaluated (DDP wraps it for training)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast, scaler = _autocast(dev)
+    weights_dev = weights.to(dev)
+
     training_info = {
         "data": str(data), "data_count": int(train_ds.info["count"]), "data_seed": int(train_ds.info["seed"]),
         "train_samples": len(train_ds), "val_samples": len(val_ds), "epochs": int(epochs),
         "batch": int(batch), "lr": float(lr), "schedule": schedule, "seed": int(seed),
         "device": str(dev), "threads": int(torch.get_num_threads()), "dropout": float(dropout),
-        "loss": "sum over outputs of batch-mean squared error", "warm_start": str(warm_start or ""),
-        "resumed_from": str(resume or ""),
+        "loss": "weighted sum over outputs of batch-mean squared error", "offset_weight": float(offset_weight),
+        "warm_start": str(warm_start or ""), "resumed_from": str(resume or ""), "world_size": int(world),
         "noise": "Poisson + Gaussian read noise at load, fresh every epoch",
     }
+
+    # the code that runs is the code at the start (later commits do not change a running process)
+    started_code_version = code_version()
 
     def checkpoint(epoch: int, val_rmse: list[float], elapsed: float) -> dict[str, Any]:
         return {
@@ -177,44 +264,68 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             "input_size": int(input_size), "binning": binning, "normalisation": normalisation,
             "optics": lock, "training": training_info, "epoch": epoch, "best_val_loss": best,
             "val_rmse": val_rmse, "history": history, "train_seconds": elapsed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_version": code_version(),
-            "parameters": count_parameters(model),
-            "state_dict": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "code_version": started_code_version,
+            "parameters": count_parameters(net),
+            "state_dict": net.state_dict(), "optimizer_state": optimizer.state_dict(),
             "scheduler_state": sched.state_dict(),
         }
 
     csv_path = out / "log.csv"
     new_csv = not (resume_ckpt is not None and csv_path.exists())
-    tb = _TB(out / "tb", tensorboard)
-    g = torch.Generator().manual_seed(seed + 1000 * start_epoch)
+    tb = _TB(out / "tb", tensorboard and main)
+    g = torch.Generator()
     log.info("training %s (%d parameters) on %d samples (%d val), %d epochs, batch %d, %s",
              arch, count_parameters(model), len(train_ds), len(val_ds), epochs, batch, dev)
     elapsed0 = float(resume_ckpt.get("train_seconds", 0.0)) if resume_ckpt else 0.0
     best_epoch = int(resume_ckpt.get("best_epoch", 0)) if resume_ckpt else 0
-    with open(csv_path, "w" if new_csv else "a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new_csv:
+    import contextlib
+
+    with (open(csv_path, "w" if new_csv else "a", newline="") if main else contextlib.nullcontext()) as fh:
+        writer = csv.writer(fh) if main else None
+        if new_csv and main:
             writer.writerow(["epoch", "train_loss", "val_loss", "val_rmse_mean", "val_rmse_max", "lr",
                              "seconds"] + [f"val_rmse_{n}" for n in train_ds.info["label_names"][:n_out]])
-        for epoch in range(start_epoch + 1, epochs + 1):
+        for epoch in range(start_epoch + 1, min(epochs, stop_after or epochs) + 1):
             t0 = time.time()
+            # every epoch's permutation, noise and dropout come from (seed, epoch, rank) alone, so a
+            # resumed run continues exactly as an uninterrupted one would
+            g.manual_seed(seed + 1000 * epoch + 7919 * rank)
+            torch.manual_seed(seed + 1000 * epoch + 7919 * rank + 1)
             model.train()
             total, seen = 0.0, 0
-            bar = tqdm(train_ds.batches(batch, shuffle=True, generator=g), total=steps_per_epoch,
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                batches = train_ds.batches(batch, generator=g, indices=torch.tensor(list(sampler)))
+            else:
+                batches = train_ds.batches(batch, shuffle=True, generator=g)
+            bar = tqdm(batches, total=steps_per_epoch,
                        desc=f"epoch {epoch}/{epochs}", disable=not progress, dynamic_ncols=True, leave=False)
             for x, y in bar:
                 x, y = x.to(dev), y[:, :n_out].to(dev)
-                loss = ((model(x) - y) ** 2).mean(dim=0).sum()
+                with autocast():
+                    pred = model(x)
+                loss = (weights_dev * ((pred.float() - y) ** 2).mean(dim=0)).sum()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 sched.step()
                 total += loss.item() * len(y)
                 seen += len(y)
                 bar.set_postfix(loss=f"{total / seen:.4f}")
             bar.close()
             train_loss = total / max(seen, 1)
-            val_loss, val_rmse = evaluate_loss(model, val_ds, n_out, 256, dev)
+            if world > 1:  # batch-norm statistics: every rank takes rank 0's (the saved model's)
+                for buf in net.buffers():
+                    torch.distributed.broadcast(buf, 0)
+            if not main:  # rank 0 validates, logs and saves; the others wait for it
+                torch.distributed.barrier()
+                continue
+            val_loss, val_rmse = evaluate_loss(net, val_ds, n_out, 256, dev, weights=weights)
             dt = time.time() - t0
             lr_now = optimizer.param_groups[0]["lr"]
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
@@ -242,17 +353,23 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             log.info(msg)
             if progress:
                 tqdm.write(msg)
+            if world > 1:
+                torch.distributed.barrier()
     tb.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if not main:
+        return {"rank": rank, "world_size": world, "state_dict": net.state_dict()}
     if export:
         from autoalign.models.predictor import export_checkpoint
 
         export_checkpoint(out / "best.pt", export)
     best_row = next((r for r in history if r["epoch"] == best_epoch), history[-1] if history else {})
     return {
-        "arch": arch, "parameters": count_parameters(model), "epochs": epochs, "best_epoch": best_epoch,
+        "arch": arch, "parameters": count_parameters(net), "epochs": epochs, "best_epoch": best_epoch,
         "best_val_loss": best, "best_val_rmse_mean": best_row.get("val_rmse_mean"),
         "train_samples": len(train_ds), "seconds": time.time() - t_start, "out_dir": str(out),
-        "history": history,
+        "history": history, "rank": rank, "world_size": world,
     }
 
 

@@ -21,7 +21,7 @@ LOCAL = {"autoalign", "tests", "benchmarks"} | set(PACKAGE_DIRS)
 KNOWN = {"yaml": "pyyaml", "PIL": "pillow", "PyQt5": "pyqt5", "slmpy": "slmpy (from source)"}
 # package modules imported lazily, with a clear error when missing: the extra that declares them,
 # or None for one that no registry provides
-OPTIONAL = {"mm_test_adapters": "test", "slmpy": None}
+OPTIONAL = {"mm_test_adapters": "test", "slmpy": None, "onnxruntime": "onnx"}
 
 
 def imports(paths: list[Path]) -> dict[str, set[str]]:

@@ -21,11 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: cycles being removed on another branch: each pair's edges are ignored by the cycle check only
-KNOWN_CYCLES = {
-    # models.data <-> simulation.dataset (add_noise_numpy one way, open_dataset/SPLITS the other):
-    # fixed on branch h3-model; remove this exception after merging it
-    frozenset({"autoalign.models.data", "autoalign.simulation.dataset"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 @dataclass

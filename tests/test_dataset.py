@@ -11,8 +11,9 @@ from autoalign.settings import load_settings
 from autoalign.calibration.centroid import section_centroid
 import autoalign.simulation.dataset as sd
 from autoalign.simulation.dataset import (
-    DATASET_FORMAT, DatasetError, dataset_info, dataset_settings, draw_aberrations, generate_chunk,
-    open_dataset, write_dataset,
+    DATASET_FORMAT, INSTRUMENT_FIELDS, DatasetError, combine_shards, dataset_info, dataset_settings,
+    draw_aberrations, draw_higher_order, generate_chunk, open_dataset, render_samples, shard_path,
+    simulated_modes, write_dataset, write_shard,
 )
 
 SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
@@ -38,8 +39,8 @@ def test_round_trip_and_attributes(small_file, small_settings):
     assert not small_file.with_name(small_file.name + ".partial").exists()
     info = dataset_info(small_file)
     assert info["format"] == DATASET_FORMAT
-    assert info["modes"] == [5, 7, 11] and info["label_names"] == ["Z5", "Z7", "Z11"]
-    assert info["label_units"] == ["rad"] * 3 and not info["has_offset"]
+    assert info["modes"] == [5, 7, 11] and info["label_names"] == ["Z5", "Z7", "Z11", "offset_x", "offset_y"]
+    assert info["label_units"] == ["rad"] * 3 + ["pupil radii"] * 2 and info["has_offset"]
     assert info["splits"] == {"train": 32, "val": 4, "test": 4} and info["count"] == 40
     assert info["seed"] == 3 and info["code_version"] and info["n_px"] == 32
     assert not info["noise_baked"]
@@ -47,14 +48,21 @@ def test_round_trip_and_attributes(small_file, small_settings):
     with open_dataset(small_file) as f:
         for split, n in info["splits"].items():
             assert f[f"{split}_img"].shape == (n, 3, 32, 32) and f[f"{split}_img"].dtype == np.float32
-            assert f[f"{split}_labels"].shape == (n, 3) and f[f"{split}_labels"].dtype == np.float32
+            assert f[f"{split}_labels"].shape == (n, 5) and f[f"{split}_labels"].dtype == np.float32
+            inst = f[f"{split}_instrument"][:]
+            ds = small_settings.dataset
+            for k, key in enumerate(("na_scale_range", "wavelength_scale_range", "pixel_scale_range",
+                                     "polarisation_impurity_range", "slm_stroke_range")):
+                lo, hi = getattr(ds, key)
+                assert np.all((inst[:, k] >= lo - 1e-6) & (inst[:, k] <= hi + 1e-6)), key
+            assert f[f"{split}_higher_order_rad"].shape == (n, len(ds.unlabelled_modes))
             for name in ("peak_photons", "background_photons", "bead_diameter_um"):
                 assert f[f"{split}_{name}"].shape == (n,)
             peak = f[f"{split}_peak_photons"][:]
             lo, hi = small_settings.dataset.peak_photons_range
             assert np.all((peak >= lo) & (peak <= hi))
             assert np.all(np.isfinite(f[f"{split}_img"][:]))
-        rms = np.sqrt((f["train_labels"][:] ** 2).sum(1))
+        rms = np.sqrt((f["train_labels"][:, :3] ** 2).sum(1))
         assert rms.max() <= small_settings.dataset.max_total_rms_rad + 1e-5
         assert np.any(f["train_centring_rad"][:] != 0)  # tip/tilt/defocus applied, not labelled
 
@@ -68,15 +76,138 @@ def test_deterministic_for_a_seed(small_settings):
     assert not np.allclose(a["labels"], c["labels"])
 
 
-def test_draw_aberrations_caps_and_mixes():
+def test_draw_aberrations_mixture_and_isotropy():
     rng = np.random.default_rng(0)
-    c = draw_aberrations(rng, 5000, 11, 0.6, 1.0)
+    mix = ((0.15, 0.15), (0.35, 0.5), (0.5, 1.0))
+    c = draw_aberrations(rng, 40000, 18, 2.2, mix)
     total = np.sqrt((c**2).sum(1))
-    assert total.max() <= 1.0 + 1e-9
-    plain = draw_aberrations(rng, 5000, 11, 0.6, 1.0, rms_mix=())
-    assert np.abs(plain).max() <= 0.6 and np.sqrt((plain**2).sum(1)).max() <= 1.0 + 1e-9
-    assert 0.05 < np.mean(total < 0.25) < 0.25  # the small-aberration share near convergence
-    assert np.mean(total > 0.95) > 0.4
+    assert total.max() <= 2.2 + 1e-9 and total.max() > 2.1  # reaches the large aberrations
+    # P(total < 0.33) = 0.15 * 1 + 0.35 * 0.33/1.1 + 0.5 * 0.33/2.2 = 0.33
+    assert abs(np.mean(total < 0.33) - 0.33) < 0.015
+    # isotropic: every mode carries the same mean square, no sign preference
+    ms = (c**2).mean(0)
+    assert ms.max() / ms.min() < 1.1 and np.all(np.abs(c.mean(0)) < 0.02)
+    clipped = draw_aberrations(rng, 1000, 18, 2.2, mix, max_coefficient=0.5)
+    assert np.abs(clipped).max() <= 0.5
+    with pytest.raises(ValueError, match="sum to 1"):
+        draw_aberrations(rng, 10, 3, 1.0, ((0.5, 1.0),))
+
+
+def test_higher_order_spectrum_decays_with_radial_order():
+    rng = np.random.default_rng(1)
+    modes = list(range(23, 37))  # radial orders 6 (23..28) and 7 (29..36)
+    c = draw_higher_order(rng, 40000, modes, (0.0, 0.25), decay=2.0)
+    total = np.sqrt((c**2).sum(1))
+    assert total.max() <= 0.25 + 1e-9
+    ms = (c**2).mean(0)
+    ratio = ms[6:].mean() / ms[:6].mean()  # order 7 vs order 6: (6/7)**4 in variance
+    assert abs(ratio - (6 / 7) ** 4) < 0.05
+
+
+def _ring_radius(xy):
+    """Radius (px) of the donut's ring: maximum of the azimuthal mean, sampled every 0.02 px."""
+    from scipy.ndimage import map_coordinates
+
+    n = xy.shape[-1]
+    r = np.arange(0.5, n / 4, 0.02)
+    phi = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    yy = n // 2 + r[:, None] * np.sin(phi)
+    xx = n // 2 + r[:, None] * np.cos(phi)
+    profile = map_coordinates(xy, [yy.ravel(), xx.ravel()], order=3).reshape(yy.shape).mean(1)
+    return r[np.argmax(profile)]
+
+
+def test_instrument_randomisation_scales_the_donut_as_optics_predict():
+    """The donut's lateral size scales as wavelength / (NA pixel size) (in pixels)."""
+    s = load_settings().replace(**{"dataset.unlabelled_modes": []})
+    n = simulated_modes(s)
+    zero = np.zeros((2, n)), np.zeros((2, 2))
+    w = {}
+    for name, a, b in (("pixel", [1, 1, 0.95, 0, 1], [1, 1, 1.05, 0, 1]),
+                       ("wavelength", [1, 0.99, 1, 0, 1], [1, 1.01, 1, 0, 1])):
+        img = render_samples(s, *zero, np.array([a, b], float))
+        w[name] = _ring_radius(img[1, 0]) / _ring_radius(img[0, 0])
+    assert abs(w["pixel"] - 0.95 / 1.05) < 0.01
+    assert abs(w["wavelength"] - 1.01 / 0.99) < 0.01
+
+
+def test_slm_stroke_and_polarisation_impurity_fill_the_null():
+    """A full 2 pi stroke reproduces the simulator's own vortex; a short stroke or a wrong-hand
+    fraction f lights the centre (the impure centre is f times the wrong hand's, since the right
+    hand is dark there)."""
+    from autoalign.simulation.vectorial import PSFSimulator
+
+    s = load_settings().replace(**{"dataset.unlabelled_modes": []})
+    n = simulated_modes(s)
+    rng = np.random.default_rng(2)
+    coeffs = np.zeros((5, n))
+    coeffs[:, 4:11] = rng.normal(0, 0.1, (5, 7))
+    coeffs[1:] = 0
+    offsets = np.array([[0.05, -0.03], [0, 0], [0, 0], [0, 0], [0, 0]])
+    inst = np.array([[1, 1, 1, 0, 1], [1, 1, 1, 0, 1], [1, 1, 1, 0, 0.95], [1, 1, 1, 0, 0.85],
+                     [1, 1, 1, 0.03, 1]], float)
+    img = render_samples(s, coeffs, offsets, inst)
+    own = PSFSimulator.from_settings(s, n_modes=n).orthosections_batch(coeffs[:1], offsets[:1])
+    np.testing.assert_allclose(img[0], own[0], atol=2e-5)
+    m = s.camera.roi_px // 2
+    centre = img[:, 0, m, m]
+    assert centre[1] < 1e-6 and 0.003 < centre[2] < centre[3]
+    wrong = PSFSimulator.from_settings(s, n_modes=n, polarisation="circular_minus")
+    right = PSFSimulator.from_settings(s, n_modes=n)
+    wrong_centre = wrong.orthosections(np.zeros(n))[0, m, m] * wrong._peak / right._peak
+    assert abs(centre[4] - 0.03 * wrong_centre) < 1e-3 * wrong_centre
+
+
+def _write_shard_in_process(args):
+    import torch
+
+    torch.set_num_threads(1)
+    settings_yaml, count, out, i, n, chunk = args
+    sd.CHUNK = chunk
+    from autoalign.settings import settings_from_dict
+
+    write_shard(settings_from_dict(yaml.safe_load(settings_yaml)), count, out, i, n, seed=4, progress=False)
+
+
+def test_two_shard_workers_equal_one_process(tmp_path, small_settings, monkeypatch):
+    """Two independent worker processes writing shards 0/2 and 1/2, combined without copying,
+    give exactly the samples of a single-process run with the same seed, split by sample index."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(sd, "CHUNK", 8)
+    single = write_dataset(small_settings, 45, tmp_path / "single.h5", seed=4, workers=1, progress=False)
+    out = tmp_path / "sharded" / "data.h5"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_shard_in_process, args=((small_settings.to_yaml(), 45, str(out), i, 2, 8),))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    combine_shards(out, 2)
+    assert out.stat().st_size < 0.2 * shard_path(out, 1, 2).stat().st_size  # virtual: no copy
+    with open_dataset(single) as a, open_dataset(out) as b:
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key][:], b[key][:])
+    with pytest.raises(FileExistsError):
+        combine_shards(out, 2)
+    shard_path(out, 0, 2).unlink()
+    with pytest.raises(DatasetError, match="shard .* is missing"):
+        open_dataset(out)
+    with pytest.raises(DatasetError, match="missing"):
+        combine_shards(out, 2, force=True)
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, small_settings):
+    out = tmp_path / "d.h5"
+    out.write_text("precious")
+    with pytest.raises(FileExistsError, match="--force"):
+        write_dataset(small_settings, 4, out, workers=1, progress=False)
+    assert out.read_text() == "precious"
+    write_dataset(small_settings, 4, out, workers=1, progress=False, force=True)
+    assert dataset_info(out)["count"] == 4
 
 
 def test_label_frame_is_centred():
@@ -93,6 +224,7 @@ def test_label_frame_is_centred():
 
 def test_offset_columns(tmp_path, small_settings):
     s = small_settings.replace(**{"dataset.max_offset": 0.1})
+    assert INSTRUMENT_FIELDS[-1] == "slm_stroke"
     path = write_dataset(s, 10, tmp_path / "off.h5", seed=0, workers=1, progress=False)
     info = dataset_info(path)
     assert info["has_offset"] and info["label_names"][-2:] == ["offset_x", "offset_y"]
@@ -176,3 +308,41 @@ def test_same_file_for_any_number_of_workers(tmp_path, small_settings):
     with h5py.File(a) as fa, h5py.File(b) as fb:
         for key in fa:
             np.testing.assert_array_equal(fa[key][:], fb[key][:])
+
+
+def test_cli_shards_and_combine(tmp_path, small_settings, capsys):
+    from autoalign.app.cli import main
+
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(small_settings.to_yaml())
+    out = tmp_path / "cli.h5"
+    common = ["simulate", "--count", "6", "--out", str(out), "--settings", str(cfg), "--seed", "2", "--quiet"]
+    assert main(common + ["--shard", "2/2"]) == 2 and "0 <= i < N" in capsys.readouterr().err
+    assert main(common + ["--shard", "one/2"]) == 2 and "expected i/N" in capsys.readouterr().err
+    assert main(["simulate", "--out", str(out), "--combine", "2"]) == 2
+    assert "missing" in capsys.readouterr().err
+    for i in range(2):
+        assert main(common + ["--shard", f"{i}/2"]) == 0
+    assert main(["simulate", "--out", str(out), "--combine", "2"]) == 0
+    assert "6 samples" in capsys.readouterr().out
+    single = write_dataset(small_settings, 6, tmp_path / "single.h5", seed=2, workers=1, progress=False)
+    with open_dataset(single) as a, open_dataset(out) as b:
+        np.testing.assert_array_equal(a["train_img"][:], b["train_img"][:])
+        np.testing.assert_array_equal(a["test_labels"][:], b["test_labels"][:])
+    assert main(common) == 2 and "--force" in capsys.readouterr().err  # out exists
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("dataset.slm_stroke_range", [1.05, 0.85], "expected 0 <= low <= high"),
+    ("dataset.rms_mix", [[0.5, 1.0], [0.2, 0.5]], "summing to 1"),
+    ("dataset.unlabelled_modes", [15, 23], "not in dataset.modes"),
+    ("dataset.polarisation_impurity_range", [0.0, 0.7], "<= 0.5"),
+    ("dataset.na_scale_range", [1.0, 1.1], "immersion_index"),
+    ("model.modes", [5, 6, 40], "dataset.modes"),
+])
+def test_bad_dataset_settings_are_named(key, value, words):
+    from autoalign.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")) as info:
+        load_settings().replace(**{key: value})
+    assert words in str(info.value)

@@ -15,7 +15,10 @@ from autoalign.simulation.dataset import write_dataset
 
 SMALL = {"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 48,
          "dataset.modes": [5, 7, 11], "model.modes": [5, 7, 11], "dataset.max_coefficient_rad": 0.8,
-         "dataset.peak_photons_range": [2000.0, 5000.0], "model.architecture": "Net11"}
+         "dataset.peak_photons_range": [2000.0, 5000.0], "model.architecture": "Net11",
+         # a tiny, easy problem: modest aberrations, no offset, no unlabelled modes
+         "dataset.max_total_rms_rad": 1.0, "dataset.rms_mix": [[1.0, 1.0]], "dataset.max_offset": 0.0,
+         "model.predict_offset": False, "dataset.unlabelled_modes": []}
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +57,76 @@ def test_tiny_training_lowers_validation_loss(setup):
 
 
 def test_resume_and_warm_start(setup):
+    """An interrupted run resumed from last.pt ends with exactly the weights, optimizer state and
+    learning rate of an uninterrupted run (model, optimizer, schedule and epoch restored)."""
     s, data, root = setup
+    straight = train(data, root / "straight", s, epochs=2, batch=64, seed=1, progress=False, tensorboard=False,
+                     limit=128)
     out = root / "resume"
-    train(data, out, s, epochs=1, batch=64, seed=1, progress=False, tensorboard=False)
-    summary = train(data, out, s, epochs=2, batch=64, seed=1, progress=False, resume=out / "last.pt",
-                    tensorboard=False)
-    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    train(data, out, s, epochs=2, batch=64, seed=1, progress=False, tensorboard=False, limit=128,
+          stop_after=1)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    summary = train(data, out, s, epochs=0, batch=64, seed=1, progress=False, resume=out / "last.pt",
+                    tensorboard=False, limit=128)
+    assert [h["epoch"] for h in summary["history"]] == [1, 2] and summary["epochs"] == 2
     assert len(list(csv.DictReader(open(out / "log.csv")))) == 2
+    a = torch.load(root / "straight" / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=1e-6)
+    assert a["scheduler_state"]["last_epoch"] == b["scheduler_state"]["last_epoch"]
+    assert a["optimizer_state"]["param_groups"][0]["lr"] == pytest.approx(b["optimizer_state"]["param_groups"][0]["lr"])
+    assert straight["history"][-1]["val_loss"] == pytest.approx(summary["history"][-1]["val_loss"], rel=1e-5)
     warm = train(data, root / "warm", s, epochs=1, batch=64, seed=2, progress=False,
                  warm_start=out / "best.pt", tensorboard=False, export=root / "exported.pt")
     assert warm["epochs"] == 1
     exported = torch.load(root / "exported.pt", weights_only=True)
     assert "optimizer_state" not in exported
     Predictor.load(root / "exported.pt", s)
+
+
+def _ddp_rank(rank, world, port, data, out, settings_yaml):
+    import os
+
+    import yaml
+
+    from autoalign.settings import settings_from_dict
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    s = settings_from_dict(yaml.safe_load(settings_yaml))
+    result = train(data, out, s, epochs=1, batch=16, seed=3, progress=False, tensorboard=False, limit=96,
+                   device="cpu")
+    if rank != 0:
+        torch.save(result["state_dict"], f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_training_keeps_ranks_identical(setup):
+    """Two CPU ranks (gloo) train a few steps with DistributedDataParallel; the weights stay
+    identical across ranks (gradients are averaged) and rank 0 alone writes the checkpoints."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    s, data, root = setup
+    out = root / "ddp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp.spawn(_ddp_rank, args=(2, port, str(data), str(out), s.to_yaml()), nprocs=2, join=True)
+    rank0 = torch.load(out / "last.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert rank0["training"]["world_size"] == 2 and rank0["epoch"] == 1
+    fresh = build_model("Net11", 3, False, 16, rank0["normalisation"]).state_dict()
+    moved = 0
+    for key, value in rank1.items():
+        torch.testing.assert_close(rank0["state_dict"][key], value, rtol=0, atol=0)
+        moved += int(not torch.equal(fresh[key], value))
+    assert moved > 0  # the weights did train
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt", "rank1.pt"]
 
 
 def test_evaluate_and_commands(setup, capsys):
@@ -82,6 +142,8 @@ def test_evaluate_and_commands(setup, capsys):
     assert (out / "training_curve.png").exists()
     r = evaluate(out / "best.pt", data, "test", resimulate=4)
     assert set(r["per_mode"]) == {"Z5", "Z7", "Z11"} and r["samples"] == 50
+    # 50 samples: no target is declared met or missed
+    assert r["verdict"]["judged"] is False and r["meets_target"] is None and r["verdict"]["rmse_mean"] is None
     assert 0 < r["correlation"]["true"]["median"] <= 1
     assert r["correlation"]["true"]["median"] > 0.9  # re-simulation reproduces the input
     json.loads(to_json(r))
@@ -97,3 +159,37 @@ def test_evaluate_and_commands(setup, capsys):
     with pytest.raises(CheckpointError, match="wavelength_um"):
         evaluate(out / "best.pt", data, settings=other, resimulate=0)
     assert np.isfinite(evaluate(out / "best.pt", data, settings=other, force=True, resimulate=0)["rmse_mean"])
+
+
+def test_target_verdicts_need_enough_samples():
+    from autoalign.models.evaluate import MIN_SAMPLES_FOR_TARGET, verdict
+
+    assert MIN_SAMPLES_FOR_TARGET >= 500
+    few = verdict(0.01, 0.02, 0.001, 499)
+    assert few["all_met"] is None and few["rmse_mean"] is None
+    ok = verdict(0.04, 0.07, 0.009, 500)
+    assert ok["all_met"] is True
+    assert verdict(0.04, 0.09, 0.009, 800)["all_met"] is False  # worst mode above 0.08
+    assert verdict(0.04, 0.07, 0.02, 800)["offset"] is False
+    assert verdict(0.06, 0.07, None, 800)["rmse_mean"] is False
+
+
+def test_robustness_rows_and_model_on_shared_outputs(setup):
+    """The robustness table has the nominal row and one row per factor edge, with finite RMSEs;
+    a model is evaluated on the outputs it shares with a data set."""
+    from autoalign.models.evaluate import ROBUSTNESS_FACTORS, robustness, robustness_table
+
+    s, data, root = setup
+    out = root / "rob"
+    train(data, out, s, epochs=1, batch=64, seed=0, progress=False, tensorboard=False, limit=64)
+    r = robustness(out / "last.pt", s, count=4, progress=False)
+    expected = 1 + sum(len(edges) for _, _, edges in ROBUSTNESS_FACTORS)
+    assert len(r["rows"]) == expected and r["rows"][0]["factor"] == "nominal"
+    assert all(np.isfinite(row["rmse_mean"]) and row["samples"] == 4 for row in r["rows"])
+    assert all(row["verdict"]["all_met"] is None for row in r["rows"])  # 4 samples: not judged
+    assert robustness_table(r).count("\n") == expected + 1
+    cached = robustness(out / "last.pt", s, count=4, progress=False, cache_dir=root / "cache")
+    again = robustness(out / "last.pt", s, count=4, progress=False, cache_dir=root / "cache")
+    assert len(list((root / "cache").glob("robustness_*.npz"))) == expected
+    assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in again["rows"]]
+    assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in r["rows"]]
