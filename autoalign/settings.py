@@ -167,6 +167,13 @@ class SimulationSettings:
     mask_offset: list[float] = _f(length=2)
     bead_position_um: list[float] = _f(length=3)
     drift_um_per_step: float = _f(ge=0.0)
+    # optional hidden faults (defaults: a perfect instrument; see docs/physics.md)
+    higher_order_rms_rad: float = _f(0.0, ge=0.0)
+    higher_order_modes: list[int] | None = _f(None)  # None: Noll 16..28
+    wrong_hand_fraction: float = _f(0.0, ge=0.0, le=1.0)
+    wrong_hand_phase_rad: float = _f(0.0)
+    slm_phase_scale: float = _f(1.0, gt=0.0, le=4.0)
+    camera_orientation: Literal["identity", "mirror_x", "mirror_y", "rotate_180", "transpose"] = _f("identity")
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,8 @@ class PSFSimulator:
         jones = input_jones(self._u, self._v, optics.polarisation, math.radians(optics.linear_angle_deg))
         field = debye_pupil_field(self._u, self._v, na, n, jones) * t(w2)  # (3, 2, Na, Nc)
         self._pupil_field = field.to(self.cdtype).permute(1, 2, 0, 3).contiguous()  # (2, Na, 3, Nc)
+        self._w2 = t(w2)
+        self._other_hand_field: torch.Tensor | None = None
         self._kz_np = 2 * np.pi / lam * np.sqrt(n**2 - (na * rho[0]) ** 2)  # (Na, Nc), same for set 1
         self._kz_t = t(self._kz_np)
         self._centred_mask_phase = beam_phase(
@@ -234,22 +236,62 @@ class PSFSimulator:
         return torch.polar(torch.ones_like(phase), phase)  # (B, 2, Na, Nc) scalar pupil
 
     # ------------------------------------------------------------------ transforms
-    def _chord_sums(self, scalar: torch.Tensor, node_set: int, chord: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ polarisation
+    def _opposite_hand_field(self) -> torch.Tensor:
+        """Vector pupil field (2, Na, 3, Nc) of the opposite circular hand (weights included)."""
+        if self._other_hand_field is None:
+            pol = self.optics.polarisation
+            if pol not in ("circular_plus", "circular_minus"):
+                raise ValueError(
+                    f"a wrong-hand polarisation fraction needs circular polarisation, not {pol!r}")
+            other = "circular_minus" if pol == "circular_plus" else "circular_plus"
+            o = self.optics
+            jones = input_jones(self._u, self._v, other)
+            field = debye_pupil_field(self._u, self._v, o.numerical_aperture, o.immersion_index, jones) * self._w2
+            self._other_hand_field = field.to(self.cdtype).permute(1, 2, 0, 3).contiguous()
+        return self._other_hand_field
+
+    def pupil_field(self, wrong_hand_fraction: Any = 0.0, wrong_hand_phase_rad: Any = 0.0) -> torch.Tensor:
+        """Vector pupil field (2, Na, 3, Nc) of an impure circular input polarisation.
+
+        The input Jones vector is ``sqrt(1 - f) e_right + sqrt(f) exp(i phi) e_wrong`` with
+        ``e_right`` the configured circular hand (``optics.polarisation``), ``e_wrong`` the
+        opposite one, ``f = wrong_hand_fraction`` the fraction of the INTENSITY in the wrong hand
+        (0..1) and ``phi = wrong_hand_phase_rad`` their relative phase (a coherent mixture: an
+        elliptical polarisation whose ellipse azimuth is ``phi / 2``). ``f`` and ``phi`` may be
+        torch scalars (differentiable). ``f = 0`` returns the pure field. For a charge +1 vortex
+        the wrong hand fills the centre: the on-axis intensity is ``f`` times the opposite-hand
+        beam's, about ``f`` of the donut's ring peak."""
+        f = torch.as_tensor(wrong_hand_fraction, dtype=self.rdtype, device=self.device)
+        if not f.requires_grad and float(f) == 0.0:
+            return self._pupil_field
+        if not bool(torch.all((f >= 0) & (f <= 1))):
+            raise ValueError(f"wrong_hand_fraction = {float(f)!r}: expected 0..1 (fraction of the intensity)")
+        phi = torch.as_tensor(wrong_hand_phase_rad, dtype=self.rdtype, device=self.device)
+        a = torch.sqrt(1 - f).to(self.cdtype)
+        b = torch.polar(torch.sqrt(f), phi).to(self.cdtype)
+        return a * self._pupil_field + b * self._opposite_hand_field()
+
+    # ------------------------------------------------------------------ transforms
+    def _chord_sums(self, scalar: torch.Tensor, node_set: int, chord: torch.Tensor,
+                    pupil_field: torch.Tensor | None = None) -> torch.Tensor:
         """sum_j P(u_i, v_ij) K[i, j, k] for each u node: (Na, B 3, k).
 
         ``scalar`` (B, Na, Nc) on node set ``node_set``; the vector pupil is laid out
         (Na, B 3, Nc) so the chord sums are one batched matrix product over the Na nodes."""
         b, n_a, n_c = scalar.shape
-        vec = scalar.transpose(0, 1)[:, :, None, :] * self._pupil_field[node_set][:, None]
+        field = self._pupil_field if pupil_field is None else pupil_field
+        vec = scalar.transpose(0, 1)[:, :, None, :] * field[node_set][:, None]
         return torch.bmm(vec.reshape(n_a, b * 3, n_c), chord)
 
-    def _sections(self, scalar: torch.Tensor, grid: dict[str, Any]) -> torch.Tensor:
+    def _sections(self, scalar: torch.Tensor, grid: dict[str, Any],
+                  pupil_field: torch.Tensor | None = None) -> torch.Tensor:
         """Intensities (B, 3, n|nz, n): xy[y, x], xz[z, x], yz[z, y] on ``grid``."""
         b = scalar.shape[0]
         n, nz = grid["n"], grid["nz"]
         n_a = scalar.shape[2]
-        d0 = self._chord_sums(scalar[:, 0], 0, grid["chord"])  # xy and xz: (Na, B 3, n + nz)
-        d1 = self._chord_sums(scalar[:, 1], 1, grid["chord"][..., n:])  # yz: (Na, B 3, nz)
+        d0 = self._chord_sums(scalar[:, 0], 0, grid["chord"], pupil_field)  # xy and xz: (Na, B 3, n + nz)
+        d1 = self._chord_sums(scalar[:, 1], 1, grid["chord"][..., n:], pupil_field)  # yz: (Na, B 3, nz)
         f = grid["fx"] @ torch.cat([d0.reshape(n_a, -1), d1.reshape(n_a, -1)], dim=1)
         power = f.real**2 + f.imag**2  # |E|^2 without the square root of abs()
         i0 = power[:, : d0[0].numel()].reshape(n, b, 3, n + nz).sum(dim=2)  # (x, B, k)
@@ -261,16 +303,18 @@ class PSFSimulator:
             return xy, xz, yz  # type: ignore[return-value]
         return torch.stack([xy, xz, yz], dim=1)
 
-    def _plane_fields(self, scalar: torch.Tensor, z_um: np.ndarray) -> torch.Tensor:
+    def _plane_fields(self, scalar: torch.Tensor, z_um: np.ndarray,
+                      pupil_field: torch.Tensor | None = None, grid: dict[str, Any] | None = None) -> torch.Tensor:
         """Complex fields (B, 3, nz, n, n) in xy planes at ``z_um`` (node set 0): the axial phase
         kz z joins the scalar pupil, so every plane is one more batch entry of the chord sums."""
         b = scalar.shape[0]
-        n = self.n_px
+        grid = self._grid if grid is None else grid
+        n = grid["n"]
         z = torch.as_tensor(np.asarray(z_um, dtype=float).ravel(), dtype=self.rdtype, device=self.device)
         defocus = torch.polar(torch.ones((), dtype=self.rdtype, device=self.device), z[:, None, None] * self._kz_t)
         planes = (scalar[:, None, 0] * defocus[None]).reshape(-1, *self._kz_t.shape)  # (B nz, Na, Nc)
-        d = self._chord_sums(planes, 0, self._grid["chord"][..., :n])  # (Na, B nz 3, y)
-        f = self._grid["fx"] @ d.reshape(d.shape[0], -1)  # (x, B nz 3 y)
+        d = self._chord_sums(planes, 0, grid["chord"][..., :n], pupil_field)  # (Na, B nz 3, y)
+        f = grid["fx"] @ d.reshape(d.shape[0], -1)  # (x, B nz 3 y)
         return f.reshape(n, b, len(z), 3, n).permute(1, 3, 2, 4, 0)  # (B, 3, z, y, x)
 
     @staticmethod
@@ -300,30 +344,56 @@ class PSFSimulator:
     # ------------------------------------------------------------------ public torch API
     def orthosections_torch(
         self, coefficients: torch.Tensor, mask_offsets: torch.Tensor, pupil_phase: Any = None,
-        include_mask: bool = True,
+        include_mask: bool = True, pupil_field: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Differentiable ortho-sections (B, 3, n, n): xy (z = 0), xz (y = 0), yz (x = 0).
 
-        Needs ``len(z_um) == n_px``. See :meth:`scalar_pupil` for ``pupil_phase``/``include_mask``."""
+        Needs ``len(z_um) == n_px``. See :meth:`scalar_pupil` for ``pupil_phase``/``include_mask``;
+        ``pupil_field`` (from :meth:`pupil_field`) replaces the pure input polarisation."""
         if len(self.z_um) != self.n_px:
             raise ValueError("ortho-sections need as many z planes as pixels; use stack() instead")
         c, o = self._prepare(coefficients, mask_offsets, batch=True)
         scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
-        return self._sections(scalar, self._grid) / self._peak
+        return self._sections(scalar, self._grid, pupil_field) / self._peak
 
     def stack_torch(
         self, coefficients: torch.Tensor, mask_offsets: torch.Tensor, z_um: Any = None,
-        pupil_phase: Any = None, include_mask: bool = True,
+        pupil_phase: Any = None, include_mask: bool = True, pupil_field: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Differentiable stacks (B, nz, n, n) at ``z_um`` (default: the simulator's planes).
 
         A bead (or sample) displaced by (dx, dy) from the grid centre is imaged exactly by adding
-        tip/tilt ``pi NA d / lambda`` (Fourier shift); a focus offset by shifting ``z_um``."""
+        tip/tilt ``pi NA d / lambda`` (Fourier shift); a focus offset by shifting ``z_um``.
+        ``pupil_field`` (from :meth:`pupil_field`) replaces the pure input polarisation."""
         c, o = self._prepare(coefficients, mask_offsets, batch=True)
         z = self.z_um if z_um is None else np.asarray(z_um, dtype=float).ravel()
         scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
-        out = [self._intensity(self._plane_fields(scalar, z[i : i + 32])) for i in range(0, len(z), 32)]
+        out = [self._intensity(self._plane_fields(scalar, z[i : i + 32], pupil_field))
+               for i in range(0, len(z), 32)]
         return torch.cat(out, dim=1) / self._peak
+
+    def intensity_at(
+        self, x_um: Any, y_um: Any, z_um: float, coefficients: CoefficientsLike | None = None,
+        pupil_phase: Any = None, include_mask: bool = True, pupil_field: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Exact (quadrature) intensity on an arbitrary separable grid: ``y_um`` x ``x_um`` points
+        (1-D arrays, µm) in the plane ``z_um``; returns (ny, nx) normalised to the unaberrated
+        peak. No interpolation: each point is its own Debye integral (used for the sub-nm
+        null search of :meth:`simulation.microscope.SimulatedMicroscope.true_null_depth`).
+        Needs ``len(x_um) == len(y_um)``."""
+        x = np.asarray(x_um, dtype=float).ravel()
+        y = np.asarray(y_um, dtype=float).ravel()
+        if len(x) != len(y):
+            raise ValueError("intensity_at needs as many x as y points")
+        c, o = self._prepare({} if coefficients is None else coefficients, (0.0, 0.0), batch=False)
+        scalar = self.scalar_pupil(c, o, pupil_phase, include_mask)
+        # a grid whose lateral kernels use x for fx and y for the chord (ky)
+        cd = lambda a: torch.as_tensor(a, dtype=self.cdtype, device=self.device)  # noqa: E731
+        grid = {"fx": cd(np.exp(-1j * self._kappa * np.outer(x, self._u_nodes))),
+                "chord": cd(np.exp(-1j * self._kappa * self._v_nodes[..., None] * y)), "n": len(x), "nz": 0}
+        with torch.no_grad():
+            f = self._plane_fields(scalar, np.array([z_um]), pupil_field, grid)
+        return (self._intensity(f)[0, 0] / self._peak).cpu().numpy()
 
     # ------------------------------------------------------------------ public numpy API
     def orthosections(
@@ -350,13 +420,13 @@ class PSFSimulator:
 
     def stack(
         self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0), z_um: Any = None,
-        pupil_phase: Any = None, include_mask: bool = True,
+        pupil_phase: Any = None, include_mask: bool = True, pupil_field: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Intensity stack (nz, n, n) at ``z_um`` (default: the simulator's planes), normalised to
         the unaberrated beam's peak. See :meth:`stack_torch`."""
         c, o = self._prepare(coefficients, mask_offset, batch=False)
         with torch.no_grad():
-            return self.stack_torch(c, o, z_um, pupil_phase, include_mask)[0].cpu().numpy()
+            return self.stack_torch(c, o, z_um, pupil_phase, include_mask, pupil_field)[0].cpu().numpy()
 
     def field(self, coefficients: CoefficientsLike, mask_offset: Sequence[float] = (0.0, 0.0), z_um: float = 0.0) -> np.ndarray:
         """Complex focal field (3, n, n) (components x, y, z) in the plane ``z_um``,
