@@ -55,8 +55,12 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
     acquired and analysed exactly like a measurement. Returns ``{"sections": (3, n, n)
     background removed, xy peak 1, "null_depth": the measured null-depth floor of the bead}``."""
     s = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
+    # a PERFECT instrument: none of the simulated microscope's hidden faults (they would raise the
+    # floor and let a faulty donut pass as aligned)
     mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
-                              drift_um_per_step=0.0, noise=False)
+                              drift_um_per_step=0.0, noise=False, wrong_hand_fraction=0.0,
+                              wrong_hand_phase_rad=0.0, slm_phase_scale=1.0, camera_orientation="identity",
+                              higher_order_rms_rad=0.0)
     cam, focus, slm = SimulatedCamera(mic), SimulatedFocusStage(mic), SimulatedSLM(mic)
     for dev in (cam, focus, slm):
         dev.open()

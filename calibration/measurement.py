@@ -208,7 +208,11 @@ def locate_signal(stack: Stack, settings: Settings, min_sigmas: float = 12.0
               (cz - nz // 2) * stack.z_step_um)
     margin = max(int(settings.loop.edge_margin_px), 1)
     lit = np.argwhere(w > 0)
-    at_edge = tuple(bool(np.any(lit[:, a] < margin) or np.any(lit[:, a] >= size - margin))
+    centroid_px = {2: cx - nx // 2, 1: cy - ny // 2, 0: cz - nz // 2}
+    # the bright region touches the border band AND its centroid is in the outer part of the ROI
+    # (a centred donut's ring may touch the band of a small ROI without the bead being beyond it)
+    at_edge = tuple(bool((np.any(lit[:, a] < margin) or np.any(lit[:, a] >= size - margin))
+                         and abs(centroid_px[a]) > size / 2 - 2 * margin)
                     for a, size in ((2, nx), (1, ny), (0, nz)))
     return offset, at_edge  # type: ignore[return-value]
 
