@@ -6,6 +6,18 @@ The steps it calls: ``hardware.acquisition.acquire_stack``; ``calibration.measur
 :class:`autoalign.estimator.Estimator` (never asked which kind it is); ``app.safety`` (the limits);
 ``calibration.metrics`` and ``calibration.donut`` (phase, references, simulated truth).
 
+Decisions (issues 12, 13) rest on MEASURED quantities only: the null depth and the correlation
+with the ideal donut of each acquired stack (:func:`measured_score`), never an estimator's own
+predicted residual. "Converged" means the measured null (+2 sigma of its shot noise, averaged over
+:data:`CONFIRM_STACKS` + 1 stacks) is within the bead floor (:meth:`AlignmentLoop.ideal_null_depth`)
+plus ``loop.floor_margin`` and the donut correlates with the ideal one by
+``loop.aligned_min_correlation``, with a valid estimate. After every iteration the loop's
+diagnosers (:mod:`autoalign.diagnosis_types`; default :class:`app.loop_diagnosis.LoopDiagnoser`)
+may stop it with a named fault and the knob to turn. A bead refused at the edge is searched for
+with step-limited stage moves (:meth:`AlignmentLoop.capture`); best-restore puts back only the
+higher-order modes and mask offset, never a stale tip/tilt/defocus or stage position, and
+re-acquires. See ``docs/loop.md``.
+
 Safety: nothing is applied from an invalid measurement or a refused estimate; the SLM only ever
 receives a finite phase built from a checked :class:`Correction` (one place: :meth:`_show`); if the
 SLM refuses it the last good mask stays; a device failure stops the loop cleanly and nothing is

@@ -280,7 +280,7 @@ def test_loop_converges_with_shipped_model_on_simulated_microscope():
         loop.zero_slm()
         start = loop.true_residual_rms()
         records = [loop.correct_once(iteration=k) for k in range(3)]
-        assert start == pytest.approx(0.9, rel=1e-3)
+        assert start == pytest.approx(0.9, rel=0.01)  # the delivered-phase truth (8-bit, pupil edge)
         assert all(r.decision.startswith("applied") for r in records), [r.decision for r in records]
         assert loop.true_residual_rms() < 0.1
         assert records[-1].metrics["true_null_depth"] < 0.01

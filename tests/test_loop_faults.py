@@ -229,3 +229,14 @@ def test_trial_table_counts_false_successes():
     assert all(t["converged"] and not t["false_success"] for t in trials)
     text = format_trials(table, trials)
     assert "false successes" in text and "2 x converged" in text
+
+
+def test_estimates_out_of_range_are_diagnosed():
+    from tests.test_loop_support import ConstantPredictor
+
+    loop, dev = make(predictor_cls=ConstantPredictor({7: 2.5}))  # beyond loop.max_prediction_rad = 2
+    frames = dev.slm.frames_shown
+    loop.run(5)
+    assert loop.diagnosis.name == "estimate_invalid" and "beyond its range" in loop.stop_reason
+    assert len(loop.history) == loop.settings.loop.max_refusals and dev.slm.frames_shown == frames
+    assert not loop.result.converged
