@@ -302,9 +302,9 @@ class AlignmentLoop:
         """``loop.floor_margin``: measured null depth above the bead floor still counted as aligned."""
         return float(self.settings.loop.floor_margin)
 
-    def is_aligned(self, metrics: dict[str, float]) -> bool:
-        """True when the MEASURED null depth plus :data:`ALIGNED_SIGMAS` times its shot-noise
-        sigma is within the bead floor (:meth:`ideal_null_depth`) plus ``loop.floor_margin`` and
+    def is_aligned(self, metrics: dict[str, float], sigmas: float = ALIGNED_SIGMAS) -> bool:
+        """True when the MEASURED null depth plus ``sigmas`` (default :data:`ALIGNED_SIGMAS`) times
+        its shot-noise sigma is within the bead floor (:meth:`ideal_null_depth`) plus ``loop.floor_margin`` and
         the measured donut correlates with the ideal one by at least
         ``loop.aligned_min_correlation``."""
         null, sigma = metrics.get("null_depth"), metrics.get("null_depth_sigma")
@@ -313,7 +313,7 @@ class AlignmentLoop:
             return False
         if corr < float(self.settings.loop.aligned_min_correlation):
             return False  # a dark centre in a misshapen donut (e.g. coarse pixels) is no alignment
-        return null + ALIGNED_SIGMAS * sigma <= self.ideal_null_depth() + self.floor_margin
+        return null + sigmas * sigma <= self.ideal_null_depth() + self.floor_margin
 
     def metrics(self, m: Measurement, prediction: dict[int, float] | None = None) -> dict[str, float]:
         """Image metrics of ``m`` (``calibration.metrics.measurement_metrics``), the predicted
@@ -341,7 +341,9 @@ class AlignmentLoop:
 
     def _confirm_aligned(self, metrics: dict[str, float]) -> bool:
         """Acquire :data:`CONFIRM_STACKS` more stacks of the same state and decide on the mean of
-        all the measured null depths (sigma / sqrt(n)); ``metrics`` gets the averaged figures."""
+        all the measured null depths (sigma / sqrt(n)) with :meth:`is_aligned`; ``metrics`` gets
+        the averaged figures. Called when one stack looks plausibly aligned (its null minus one
+        sigma within the floor plus margin)."""
         nulls, sigmas = [metrics["null_depth"]], [metrics["null_depth_sigma"]]
         for _ in range(CONFIRM_STACKS):
             self.check_stop()
@@ -458,7 +460,7 @@ class AlignmentLoop:
         problem = self.check_estimate(est)
         if problem:
             return record(f"refused: {problem}", metrics)
-        if hold_if_aligned and self.is_aligned(metrics) and self._confirm_aligned(metrics):
+        if hold_if_aligned and self.is_aligned(metrics, sigmas=-1.0) and self._confirm_aligned(metrics):
             return record(f"aligned: measured null {metrics['null_depth']:.4f} +- {metrics['null_depth_sigma']:.4f} "
                           f"within the bead floor {self.ideal_null_depth():.4f} + {self.floor_margin:g}; "
                           "nothing applied", metrics)
