@@ -537,7 +537,9 @@ class AlignmentLoop:
 
     def run(self, iterations: int | None = None, gain: float | None = None) -> list[IterationRecord]:
         """Iterate until the MEASURED donut is aligned (null depth + 2 sigma within the bead floor
-        plus ``loop.floor_margin``, valid estimate: "converged"), a diagnoser stops it ("stopped:
+        plus ``loop.floor_margin``, valid estimate: "converged"; checked once
+        ``loop.min_corrections`` corrections were applied, since the bead floor cannot see the
+        last ~0.1 rad that the estimator still reads), a diagnoser stops it ("stopped:
         <cause>: <action>", e.g. a flipped frame or a mask offset beyond the SLM's range), the
         iteration limit, no improvement of the measured score (:func:`measured_score`) for
         ``patience`` iterations, ``loop.max_refusals`` refusals in a row, a stop request or a
@@ -571,7 +573,9 @@ class AlignmentLoop:
         try:
             for i in range(total):
                 self.check_stop()
-                r = self.correct_once(gain, iteration=i, hold_if_aligned=True)
+                applied = sum(1 for x in records if x.decision.startswith("applied"))
+                r = self.correct_once(gain, iteration=i,
+                                      hold_if_aligned=applied >= int(self.settings.loop.min_corrections))
                 records.append(r)
                 notify(self.callbacks, "on_progress", i + 1, total)
                 score = r.metrics.get("score", math.inf) if r.measurement.valid else math.inf

@@ -163,6 +163,7 @@ class LoopSettings:
     capture_max_step_um: float = _f(1.0, gt=0.0)        # largest stage step of a bead search, um
     capture_tries: int = _f(4, ge=0)                    # stage moves of a bead search before giving up
     aligned_min_correlation: float = _f(0.97, ge=0.0, le=1.0)  # ... and the donut's shape matches the ideal
+    min_corrections: int = _f(3, ge=0)                  # corrections applied before "aligned" may stop the run
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def test_loop_converges_with_oracle_and_recentres():
 
     loop, dev = make_loop(callbacks=CB(), bead_um=(0.25, -0.1, 0.2))
     start = loop.true_residual_rms()
-    records = loop.run(4)
+    records = loop.run(5)
     assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=0.01)
     assert loop.true_residual_rms() < 0.05
     assert "stage re-centred" in records[0].decision

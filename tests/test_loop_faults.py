@@ -223,8 +223,8 @@ def test_trial_table_counts_false_successes():
     for seed in (0, 1):
         dev = sim_devices(s, {5: 0.25, 6: -0.2}, seed=seed)
         est = make_estimator("model", s, OraclePredictor(dev.microscope))
-        trials.append(run_loop_trial(s, 3, est, devices=dev))
-    table = summarise_trials(trials, 3)
+        trials.append(run_loop_trial(s, 5, est, devices=dev))
+    table = summarise_trials(trials, 5)
     assert table[0]["residual_median"] > 0.25 and table[-1]["residual_median"] < 0.02
     assert all(t["converged"] and not t["false_success"] for t in trials)
     text = format_trials(table, trials)
