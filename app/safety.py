@@ -2,7 +2,8 @@
 
 * :func:`check_correction`: a correction that must not be shown raises :class:`RefusedError`
   (NaN/inf, RMS beyond ``loop.max_correction_rms_rad``, an absurd coefficient, a mask offset
-  beyond 0.5 pupil radii).
+  whose length exceeds ``loop.max_mask_offset`` pupil radii, the SLM's configured safe range,
+  never more than :data:`MAX_MASK_OFFSET`).
 * :func:`estimate_problem`: why an estimate must not be applied, or None (the estimator's own
   refusal, NaN/inf, a coefficient beyond ``loop.max_prediction_rad``, an offset beyond 0.5).
 
@@ -16,8 +17,17 @@ from autoalign.correction import Correction
 from autoalign.estimator import Estimate
 from autoalign.settings import LoopSettings
 
-#: the largest mask offset (pupil radii) that may be shown or applied
+#: the largest mask offset (pupil radii) that may ever be shown or read, whatever the settings say
 MAX_MASK_OFFSET = 0.5
+
+#: the start of the refusal message of a mask offset beyond the configured range (diagnosers match it)
+MASK_OFFSET_REFUSAL = "mask offset beyond loop.max_mask_offset"
+
+
+def mask_offset_limit(limits: LoopSettings) -> float:
+    """The largest mask-offset length (pupil radii) the SLM may show: ``loop.max_mask_offset``
+    capped at :data:`MAX_MASK_OFFSET`."""
+    return min(float(getattr(limits, "max_mask_offset", MAX_MASK_OFFSET)), MAX_MASK_OFFSET)
 
 
 class RefusedError(Exception):
@@ -35,8 +45,12 @@ def check_correction(correction: Correction, limits: LoopSettings) -> None:
     big = {k: v for k, v in correction.coefficients.items() if abs(v) > 4 * limits.max_correction_rms_rad + 50}
     if big:
         raise RefusedError(f"correction coefficient(s) out of range: {big}")
-    if max(abs(correction.mask_offset[0]), abs(correction.mask_offset[1])) > MAX_MASK_OFFSET:
-        raise RefusedError(f"mask offset {correction.mask_offset} beyond {MAX_MASK_OFFSET} pupil radii")
+    ox, oy = correction.mask_offset
+    limit = mask_offset_limit(limits)
+    if math.hypot(ox, oy) > limit + 1e-12:
+        raise RefusedError(
+            f"{MASK_OFFSET_REFUSAL}: ({ox:+.3f}, {oy:+.3f}) pupil radii, length {math.hypot(ox, oy):.3f} > "
+            f"{limit:g}")
 
 
 def estimate_problem(est: Estimate, limits: LoopSettings) -> str | None:
@@ -56,4 +70,5 @@ def estimate_problem(est: Estimate, limits: LoopSettings) -> str | None:
     return None
 
 
-__all__ = ["RefusedError", "check_correction", "estimate_problem", "MAX_MASK_OFFSET"]
+__all__ = ["RefusedError", "check_correction", "estimate_problem", "mask_offset_limit", "MAX_MASK_OFFSET",
+           "MASK_OFFSET_REFUSAL"]

@@ -260,6 +260,13 @@ class LoopSettings:
     min_snr: float = _f(8.0, ge=0.0)
     max_edge_fraction: float = _f(0.5, gt=0.0, le=1.0)
     tip_tilt_defocus_gain: float = _f(1.0, gt=0.0, le=2.0)
+    # loop decisions on measured quantities, capture range, mask-offset range (docs/loop.md)
+    floor_margin: float = _f(0.008, ge=0.0, le=1.0)     # null depth above the bead floor still aligned
+    max_mask_offset: float = _f(0.2, ge=0.0, le=0.5)    # mask offset the SLM may show, pupil radii
+    capture_max_step_um: float = _f(1.0, gt=0.0)        # largest stage step of a bead search, um
+    capture_tries: int = _f(4, ge=0)                    # stage moves of a bead search before giving up
+    aligned_min_correlation: float = _f(0.97, ge=0.0, le=1.0)  # ... and the donut's shape matches the ideal
+    min_corrections: int = _f(3, ge=0)                  # corrections applied before "aligned" may stop the run
 
 
 @dataclass(frozen=True)

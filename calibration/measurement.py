@@ -6,12 +6,15 @@ centring it asks for.
 * :func:`to_photons`: camera ADU to photons (``camera`` settings).
 * :func:`plan_centring`: stage move (beyond ``stage.recentre_threshold_um``) or SLM
   tip/tilt/defocus that re-centres a bead; :func:`ttd_from_offset`, :func:`stage_sign`.
+* :func:`locate_signal`, :func:`plan_capture`: where the light of a refused stack (bead at the
+  edge, or beyond it) lies, and the step-limited stage move toward it (the capture range).
 
 Conventions: arrays z, y, x; sections xy[y, x], xz[z, x], yz[z, y]; offsets in micrometres
 (x, y, z) of the bead from the ROI centre; Zernike Noll index from 1, radians.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +175,78 @@ def plan_centring(m: Measurement, settings: Settings, calibration: Any = None
     return None, {k: gain * v for k, v in ttd_from_offset((dx, dy, dz), settings, calibration).items()}
 
 
+# ---------------------------------------------------------------------------- capture range
+#: refusal reasons after which a stage move toward the light can help
+CAPTURABLE = ("bead at edge", "no bead")
+
+
+def locate_signal(stack: Stack, settings: Settings, min_sigmas: float = 12.0
+                  ) -> tuple[tuple[float, float, float], tuple[bool, bool, bool]] | None:
+    """Where the light of a stack lies: ``((dx, dy, dz) um of its centroid from the ROI centre,
+    (at_x_edge, at_y_edge, at_z_edge))``, or None when no region stands out from the noise.
+
+    The stack (photons) is smoothed over 3 planes x 5 x 5 pixels; no signal when its brightest
+    voxel is less than ``min_sigmas`` noise sigmas of the smoothed stack above the background.
+    The centroid is that of the smoothed signal above half its maximum (the brightest region,
+    robust to a dim halo). ``at_*_edge``: that region touches the ROI's border band of
+    ``loop.edge_margin_px`` on that axis (the bead is probably beyond it, further than the centroid
+    says)."""
+    photons = to_photons(np.asarray(stack.data, dtype=float), settings.camera)
+    if photons.ndim != 3 or not np.all(np.isfinite(photons)):
+        return None
+    bg, sigma = cen.background_and_noise(photons)
+    sm = ndimage.uniform_filter(photons - bg, size=(3, 5, 5), mode="nearest")
+    peak = float(sm.max())
+    if peak < min_sigmas * sigma / math.sqrt(75.0):
+        return None
+    w = np.clip(sm - 0.5 * peak, 0.0, None)
+    idx = np.indices(w.shape).reshape(3, -1).astype(float)
+    total = float(w.sum())
+    cz, cy, cx = (idx @ w.ravel()) / total
+    nz, ny, nx = w.shape
+    offset = ((cx - nx // 2) * stack.pixel_size_um, (cy - ny // 2) * stack.pixel_size_um,
+              (cz - nz // 2) * stack.z_step_um)
+    margin = max(int(settings.loop.edge_margin_px), 1)
+    lit = np.argwhere(w > 0)
+    centroid_px = {2: cx - nx // 2, 1: cy - ny // 2, 0: cz - nz // 2}
+    # the bright region touches the border band AND its centroid is in the outer part of the ROI
+    # (a centred donut's ring may touch the band of a small ROI without the bead being beyond it)
+    at_edge = tuple(bool((np.any(lit[:, a] < margin) or np.any(lit[:, a] >= size - margin))
+                         and abs(centroid_px[a]) > size / 2 - 2 * margin)
+                    for a, size in ((2, nx), (1, ny), (0, nz)))
+    return offset, at_edge  # type: ignore[return-value]
+
+
+def plan_capture(m: Measurement, settings: Settings, calibration: Any = None
+                 ) -> tuple[tuple[float, float, float] | None, str]:
+    """The stage move (um, or None) toward the bead of a measurement refused as ``"bead at
+    edge"`` or ``"no bead"``, and a description of what the stack showed.
+
+    The direction is the centroid of the stack's brightest region (:func:`locate_signal`); along
+    an axis where that region touches the ROI's border the bead is probably beyond it, so the move
+    there is at least ``loop.capture_max_step_um``. Each axis is limited to
+    ``loop.capture_max_step_um``; the sign is :func:`stage_sign`'s. None when the stack shows no
+    light at all or the move would be negligible (< 1 pixel)."""
+    if m.stack is None:
+        return None, "no stack to look at"
+    found = locate_signal(m.stack, settings)
+    if found is None:
+        return None, "no light above the noise anywhere in the stack"
+    offset, at_edge = found
+    limit = float(settings.loop.capture_max_step_um)
+    move = []
+    for d, edge in zip(offset, at_edge):
+        d = math.copysign(max(abs(d), limit), d) if edge and d != 0 else d
+        move.append(float(np.clip(d, -limit, limit)))
+    signs = stage_sign(calibration)
+    move = [s_ * d for s_, d in zip(signs, move)]
+    what = (f"brightest region at ({offset[0]:+.2f}, {offset[1]:+.2f}, {offset[2]:+.2f}) um from the ROI centre"
+            + ("" if not any(at_edge) else " (touching the ROI border)"))
+    if max(abs(move[0]), abs(move[1])) < settings.camera.pixel_size_um and abs(move[2]) < settings.stack.z_step_um:
+        return None, what + "; no move needed"
+    return (move[0], move[1], move[2]), what
+
+
 def next_correction(before: Correction, estimate: Estimate, ttd: dict[int, float], gain: float) -> Correction:
     """``before`` plus ``-gain`` times the estimate (Noll >= 2 and its mask offset). When the
     centring asks for a tip/tilt/defocus ``ttd`` (rad) on the SLM, the centroid owns those modes:
@@ -186,4 +261,4 @@ def next_correction(before: Correction, estimate: Estimate, ttd: dict[int, float
 
 
 __all__ = ["Measurement", "TTD_MODES", "analyse_stack", "to_photons", "edge_signal", "ttd_from_offset",
-           "stage_sign", "plan_centring", "next_correction"]
+           "stage_sign", "plan_centring", "next_correction", "locate_signal", "plan_capture", "CAPTURABLE"]

@@ -12,6 +12,15 @@ import numpy as np
 from scipy import ndimage
 
 
+def _quadratic_centre_weights() -> np.ndarray:
+    """Row 0 of ``(A^T A)^-1 A^T`` for the 6-term quadratic fitted on a 3 x 3 patch: the fitted
+    centre value is ``weights @ patch.ravel()`` (its variance ``sum(weights^2 var_i)``)."""
+    c = np.arange(3) - 1
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    a = np.stack([np.ones(9), xx.ravel(), yy.ravel(), xx.ravel() ** 2, yy.ravel() ** 2, (xx * yy).ravel()], axis=1)
+    return (np.linalg.inv(a.T @ a) @ a.T)[0]
+
+
 def _quadratic_min(patch: np.ndarray) -> float:
     """Minimum value of a least-squares quadratic surface through a small patch (sub-pixel null)."""
     n = patch.shape[0]
@@ -52,6 +61,32 @@ def null_depth(sections: np.ndarray, background: float, search_px: int = 3) -> f
     return float(max(centre, 0.0) / peak)
 
 
+def null_depth_sigma(sections: np.ndarray, background: float, quantum_efficiency: float = 1.0,
+                     read_noise_photons: float = 0.0, search_px: int = 3) -> float:
+    """One-sigma shot-noise uncertainty of :func:`null_depth` (same units: centre over peak).
+
+    The null is the constant term of a quadratic surface fitted by least squares to the 3 x 3
+    pixels around the darkest point; its variance is ``(A^T A)^-1[0, 0]`` times the pixels'
+    variance, taken as Poisson on the detected electrons (``photons / quantum_efficiency`` in
+    photon units, background included) plus the read noise (photons). The peak (a 3 x 3 mean of
+    a bright ring) is treated as exact. NaN when the section has no signal."""
+    xy = np.asarray(sections[0], dtype=float)
+    sub = xy - background
+    n = xy.shape[0]
+    mean3 = ndimage.uniform_filter(sub, 3, mode="nearest")
+    peak = float(mean3.max())
+    if peak <= 0:
+        return float("nan")
+    c = n // 2
+    lo, hi = max(c - search_px, 1), min(c + search_px + 1, n - 1)
+    win = mean3[lo:hi, lo:hi]
+    iy, ix = np.unravel_index(np.argmin(win), win.shape)
+    iy, ix = iy + lo, ix + lo
+    patch = xy[iy - 1: iy + 2, ix - 1: ix + 2]
+    var = np.clip(patch.ravel(), 0.0, None) / max(float(quantum_efficiency), 1e-6) + float(read_noise_photons) ** 2
+    return float(math.sqrt(max(float(_QUADRATIC_CENTRE_WEIGHTS ** 2 @ var), 1e-12)) / peak)
+
+
 def true_focal_null_depth(plane: np.ndarray, search_px: int = 3, upsample: int = 8) -> float:
     """Null depth of a NOISE-FREE focal plane (no background): the minimum within ``search_px``
     of the plane's centre, refined on a cubic spline ``upsample`` x finer (the beam is band-limited
@@ -71,6 +106,9 @@ def true_focal_null_depth(plane: np.ndarray, search_px: int = 3, upsample: int =
     k = fine.shape[0]
     centre = fine[k // 2 - upsample: k // 2 + upsample + 1, k // 2 - upsample: k // 2 + upsample + 1]
     return float(max(float(centre.min()), 0.0) / peak)
+
+
+_QUADRATIC_CENTRE_WEIGHTS = _quadratic_centre_weights()
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,4 +133,4 @@ def measurement_metrics(m: Any, ideal_sections: np.ndarray | None) -> dict[str, 
     return out
 
 
-__all__ = ["null_depth", "true_focal_null_depth", "correlation", "measurement_metrics"]
+__all__ = ["null_depth", "null_depth_sigma", "true_focal_null_depth", "correlation", "measurement_metrics"]

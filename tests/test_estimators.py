@@ -43,7 +43,7 @@ class TruthEstimator(Estimator):
 
 
 def _loop(estimator_for):
-    s = small_settings()
+    s = small_settings(**{"loop.floor_margin": 0.02})  # the 32-px ROI's null noise (see tests/test_loop.py)
     dev = sim_devices(s, ABERRATION)
     loop = AlignmentLoop(dev, s, estimator_for(dev))
     loop.zero_slm()
@@ -55,8 +55,8 @@ def test_a_new_estimator_plugs_in_and_converges():
     start = loop.true_residual_rms()
     records = loop.run(iterations=6)
     # the physics: the hidden residual falls by an order of magnitude, and the loop stops on the
-    # estimator's own residual reading
-    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=1e-3)
+    # MEASURED donut reaching the bead floor (never on the estimator's own residual reading)
+    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=0.01)
     assert loop.true_residual_rms() < 0.1 * start
     assert loop.stop_reason.startswith("converged"), loop.stop_reason
     assert loop.corrector == "truth" and all(r.estimate.source == "truth" for r in records)

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 ABERRATION = {5: 0.3, 6: -0.2, 7: -0.35, 8: 0.2, 11: 0.25, 12: -0.15}
 
 
+def loop_settings(**extra):
+    """The fast 32-px configuration. Its 50 nm pixels put the donut's rising flanks into the
+    3 x 3 null fit, so the measured null's shot noise is ~0.007 (0.005 on the default 40 nm
+    grid): the aligned margin is widened accordingly."""
+    return small_settings(**{"loop.floor_margin": 0.02, **extra})
+
+
 def make_loop(settings=None, predictor=None, callbacks=None, **kw):
-    s = settings or small_settings()
+    s = settings or loop_settings()
     dev = sim_devices(s, kw.pop("aberration", ABERRATION), **kw)
     loop = AlignmentLoop(dev, s, make_estimator("model", s, predictor or OraclePredictor(dev.microscope)),
                          callbacks=callbacks)
@@ -74,8 +81,8 @@ def test_loop_converges_with_oracle_and_recentres():
 
     loop, dev = make_loop(callbacks=CB(), bead_um=(0.25, -0.1, 0.2))
     start = loop.true_residual_rms()
-    records = loop.run(4)
-    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=1e-3)
+    records = loop.run(5)
+    assert start == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=0.01)
     assert loop.true_residual_rms() < 0.05
     assert "stage re-centred" in records[0].decision
     # the microscope's convention: the camera sees bead - stage, so the stage moves onto the bead
@@ -100,7 +107,7 @@ def test_true_and_measured_null_depth():
     loop, dev = make_loop(settings=load_settings(), aberration=ABERRATION, noise=False)
     aberrated_true = loop.true_null_depth()
     loop.apply(Correction({k: -v for k, v in ABERRATION.items()}))
-    assert loop.true_residual_rms() < 1e-6
+    assert loop.true_residual_rms() < 0.01  # the delivered phase: the 8-bit floor 2 pi / (255 sqrt 12)
     true = loop.true_null_depth()
     measured = loop.metrics(loop.acquire())["null_depth"]
     floor = loop.ideal_null_depth()
@@ -114,9 +121,9 @@ def test_true_and_measured_null_depth():
 
 @pytest.mark.parametrize("case, kwargs, reason", [
     ("no bead", dict(bead_um=(5.0, 5.0, 0.0)), "no bead"),
-    ("edge", dict(bead_um=(0.75, 0.0, 0.0)), "bead at edge"),
-    ("dim", dict(settings=small_settings(**{"camera.peak_photons": 3.0})), "no bead|too few photons"),
-    ("saturated", dict(settings=small_settings(**{"camera.peak_photons": 2e5})), "saturated"),
+    ("edge", dict(bead_um=(0.75, 0.0, 0.0), settings=loop_settings(**{"loop.capture_tries": 0})), "bead at edge"),
+    ("dim", dict(settings=loop_settings(**{"camera.peak_photons": 3.0})), "no bead|too few photons"),
+    ("saturated", dict(settings=loop_settings(**{"camera.peak_photons": 2e5})), "saturated"),
 ])
 def test_invalid_measurement_applies_nothing(case, kwargs, reason):
     loop, dev = make_loop(**kwargs)
@@ -170,8 +177,9 @@ def test_slm_failure_keeps_last_good_mask():
     # the loop's correction is what the SLM shows, never a correction it failed to show
     assert np.array_equal(dev.slm.phase_rad, shown_phase(loop, dev))
     assert loop.correction.rms() > 0
-    truth = dev.microscope.residual_rms()
+    truth = dev.microscope.true_residual_rms()  # the delivered phase of the last mask shown
     assert truth == pytest.approx(loop.true_residual_rms())
+    assert truth == pytest.approx(dev.microscope.residual_rms(), rel=0.02)  # the coefficient view agrees
 
 
 def test_stage_failure_mid_recentring_keeps_mask():
@@ -204,9 +212,12 @@ def test_no_improvement_restores_best():
     loop.estimator.predictor = OraclePredictor(dev.microscope, scale=-0.2)  # makes things worse
     loop.patience = 2
     loop.run(6)
-    assert loop.stop_reason.startswith("no improvement")
-    assert loop.best.rms() == pytest.approx(0.0, abs=1e-9) and loop.correction == loop.best
-    assert loop.true_residual_rms() == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=1e-3)
+    assert loop.stop_reason.startswith("no improvement") and "restored" in loop.stop_reason
+    # the best MEASURED state was the start: its higher-order modes are back, tip/tilt/defocus kept
+    assert loop.best.rms() == pytest.approx(0.0, abs=1e-9) and loop.correction.rms() == pytest.approx(0.0, abs=1e-9)
+    assert loop.true_residual_rms() == pytest.approx(math.sqrt(sum(v * v for v in ABERRATION.values())), rel=0.01)
+    last = loop.history[-1]  # re-acquired after the restore: the last point is the state now
+    assert last.decision.startswith("restored") and last.measurement.valid and last.correction == loop.correction
     assert np.array_equal(dev.slm.phase_rad, shown_phase(loop, dev))
     del oracle
 
@@ -269,7 +280,7 @@ def test_loop_converges_with_shipped_model_on_simulated_microscope():
         loop.zero_slm()
         start = loop.true_residual_rms()
         records = [loop.correct_once(iteration=k) for k in range(3)]
-        assert start == pytest.approx(0.9, rel=1e-3)
+        assert start == pytest.approx(0.9, rel=0.01)  # the delivered-phase truth (8-bit, pupil edge)
         assert all(r.decision.startswith("applied") for r in records), [r.decision for r in records]
         assert loop.true_residual_rms() < 0.1
         assert records[-1].metrics["true_null_depth"] < 0.01

@@ -289,7 +289,8 @@ def test_align_interrupted_keeps_finished_trials_and_report(tmp_path, monkeypatc
     monkeypatch.setattr(align, "run_trial", run_trial)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOALIGN_DATA_DIR", str(tmp_path / "userdata"))
-    rc = main(["align", "--trials", "4", "--iterations", "1", "--corrector", "modal", "--report", "rep"])
+    rc = main(["align", "--trials", "4", "--iterations", "1", "--corrector", "modal", "--report", "rep",
+               "--fixed-iterations"])
     err = capsys.readouterr().err
     assert rc == status, err
     last = err.strip().splitlines()[-1]
@@ -300,7 +301,7 @@ def test_align_interrupted_keeps_finished_trials_and_report(tmp_path, monkeypatc
     assert png_software(tmp_path / "rep" / "align.png") == "autoalign align"
     # a second run may replace its own report
     monkeypatch.setattr(align, "run_trial", lambda *a, **k: _fake_trial(0.5))
-    assert main(["align", "--trials", "1", "--corrector", "modal", "--report", "rep"]) == 0
+    assert main(["align", "--trials", "1", "--corrector", "modal", "--report", "rep", "--fixed-iterations"]) == 0
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -508,12 +509,13 @@ def test_align_uses_the_saved_poke_calibration_when_the_optics_match(tmp_path, m
     seen = []
     monkeypatch.setattr(align, "run_trial", lambda settings, it, corrector, gain, predictor, calibration:
                         seen.append(calibration) or _fake_trial(0.7))
-    assert main(["align", "--corrector", "modal"]) == 0
+    legacy = ["align", "--corrector", "modal", "--fixed-iterations"]
+    assert main(legacy) == 0
     assert "using the saved poke calibration" in capsys.readouterr().err
     assert np.allclose(seen[-1].matrix_um_per_rad, np.diag([3.0, 3.0, 7.0]))
-    assert main(["align", "--corrector", "modal", "--no-calibration"]) == 0 and seen[-1] is None
+    assert main(legacy + ["--no-calibration"]) == 0 and seen[-1] is None
     (tmp_path / "other.yaml").write_text("optics:\n  wavelength_um: 0.66\n")
-    assert main(["align", "--corrector", "modal", "--settings", "other.yaml"]) == 0
+    assert main(legacy + ["--settings", "other.yaml"]) == 0
     assert seen[-1] is None  # other.yaml's folder has no calibration: the optics formulas
 
 
@@ -540,3 +542,34 @@ def test_unreachable_device_is_a_one_line_failure(tmp_path, monkeypatch, capsys)
     assert rc == 1, err
     last = err.strip().splitlines()[-1]
     assert "device error" in last and "nothing to report" in last and "Traceback" not in err
+
+
+def test_align_trials_ctrl_c_keeps_finished_trials_and_report(tmp_path, monkeypatch, capsys):
+    """The default simulated path (app.trials, the loop's own stop rules): Ctrl-C during the third
+    trial keeps the two finished ones, writes their summary atomically and exits 130."""
+    from autoalign.app import trials as trials_mod
+    from autoalign.app.cli import main
+
+    real, calls = trials_mod.run_loop_trial, []
+
+    def interrupted_third(settings, iterations, estimator, **kw):
+        calls.append(settings.simulation.seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(settings, iterations, estimator, **kw)
+
+    monkeypatch.setattr(trials_mod, "run_loop_trial", interrupted_third)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOALIGN_DATA_DIR", str(tmp_path / "userdata"))
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({
+        "camera": {"roi_px": 32, "pixel_size_um": 0.05}, "stack": {"planes": 32, "z_step_um": 0.06},
+        "model": {"binning": 1}, "loop": {"edge_margin_px": 3}, "optics": {"pupil_samples": 32}}))
+    rc = main(["align", "--settings", str(small), "--trials", "4", "--iterations", "1", "--corrector", "modal",
+               "--report", "rep"])
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "interrupted (Ctrl-C) after 2 of 4 trial(s)" in err.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["stopped"].startswith("interrupted")
+    assert summary["kind"] == trials_mod.REPORT_KIND

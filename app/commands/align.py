@@ -57,9 +57,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--aberration-rms", default=None, metavar="A[:B]", type=_rms_spec,
                    help="hidden aberration RMS, rad, >= 0 (sim); A:B draws each trial's uniformly in [A, B]")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
-    p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and align.png here")
+    p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
     p.add_argument("--force", action="store_true",
                    help="replace report files in DIR that this command did not write")
+    # --- hidden errors of simulated trials and the loop's own stop rules (app/trials.py) ---
+    from autoalign.app.trials import add_trial_arguments
+
+    add_trial_arguments(p)
+    p.add_argument("--fixed-iterations", action="store_true",
+                   help="sim: the legacy table (exactly --iterations corrections, no stop rules, no hidden errors)")
     p.set_defaults(func=run)
 
 
@@ -213,7 +219,7 @@ def write_plots(table: list[dict[str, float]], trials: list[dict[str, Any]], out
     return [str(path)]
 
 
-REPORT_KIND = "autoalign align report"
+from autoalign.app.trials import REPORT_KIND  # noqa: E402 - one definition, shared with the trials
 
 
 def _prepare_report(report: str | None, force: bool) -> Path | None:
@@ -276,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
     iterations = args.iterations or base.loop.max_iterations
     calibration = default_calibration(device_settings_for(args), cli_path(args.calibration),
                                       args.no_calibration)
+    if args.backend == "sim" and not args.fixed_iterations:
+        from autoalign.app.trials import run_from_args  # the loop's own run(), hidden errors, honest truth
+
+        return run_from_args(args, report_dir=report_dir, calibration=calibration)
     trials_n = args.trials if args.backend == "sim" else 1
     predictor = None
     trials: list[dict[str, Any]] = []
