@@ -19,7 +19,8 @@ import textwrap
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from autoalign.settings import SettingsError, load_settings
 
@@ -170,7 +171,6 @@ def device_settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from ``args.backend`` ('sim' or 'micromanager'; None keeps the settings' own), ``model.checkpoint``
     from ``args.checkpoint`` when given (relative to the current directory), and any further
     dotted-key ``overrides``."""
-    from autoalign.settings import load_settings
 
     over: dict[str, Any] = {}
     backend = getattr(args, "backend", None)

@@ -13,7 +13,8 @@ and add one entry to :data:`ESTIMATORS` (see ``docs/architecture.md``). The loop
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from autoalign.calibration.modal import ModalEstimator
 from autoalign.estimator import Estimator

@@ -23,8 +23,9 @@ no improvement). Units: null depth centre/peak; radians; pupil radii.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Any, Sequence
+from functools import cache
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,7 +46,7 @@ FLIP_MIN_STEP_RAD = 0.1
 FLIP_MIN_TOTAL_RAD = 0.15
 
 
-@lru_cache(maxsize=None)
+@cache
 def mode_parity(noll: int, orientation: str) -> int:
     """+1 or -1: ``Z_j`` under the coordinate change of a camera ``orientation`` ("rotate_180":
     (x, y) -> (-x, -y); "mirror_x": x -> -x; "mirror_y": y -> -y), computed on sample points

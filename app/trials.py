@@ -188,7 +188,7 @@ def summarise_trials(trials: list[dict[str, Any]], iterations: int) -> list[dict
     its last state)."""
     table = []
     for k in range(iterations + 2):
-        def col(key: str) -> list[Any]:
+        def col(key: str, k: int = k) -> list[Any]:
             out = []
             for t in trials:
                 rows = t["rows"]
@@ -236,7 +236,6 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
     ``calibration``: the poke calibration the command chose. Ctrl-C keeps the finished trials,
     writes their report and returns 130."""
     import json
-    from pathlib import Path
 
     from autoalign.app.cli import device_settings
     from autoalign.app.estimators import make_estimator

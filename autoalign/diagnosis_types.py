@@ -17,7 +17,8 @@ in pupil radii; lengths in micrometres.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
 
 #: severities, mildest first
 SEVERITIES = ("info", "warning", "error")

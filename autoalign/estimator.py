@@ -97,10 +97,10 @@ class Estimator(ABC):
     def modes(self) -> list[int]:
         """Noll indices this estimator estimates."""
 
-    def attach(self, host: ProbeHost) -> None:
+    def attach(self, host: ProbeHost) -> None:  # noqa: B027 - optional hook, default does nothing
         """Called by the loop that uses this estimator (default: nothing to remember)."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Load what :meth:`estimate` needs (weights, references); raise when that is impossible."""
 
     @abstractmethod

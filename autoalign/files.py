@@ -26,7 +26,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
+from collections.abc import Iterator
 
 
 class UserError(Exception):

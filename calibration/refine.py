@@ -474,11 +474,11 @@ def refine(
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
             mask = free.to(model.dtype)
 
-            def closure() -> torch.Tensor:
+            def closure() -> torch.Tensor:  # used by opt.step() within this iteration only
                 nonlocal iterations
                 iterations += 1
-                opt.zero_grad()
-                loss = (nll_of(base + scales * x * mask) - nll0) / max(abs(nll0), 1.0) * 1e4
+                opt.zero_grad()  # noqa: B023 - the closure runs inside this iteration's opt.step()
+                loss = (nll_of(base + scales * x * mask) - nll0)  # noqa: B023 / max(abs(nll0), 1.0) * 1e4
                 loss.backward()
                 return loss
 

@@ -59,7 +59,6 @@ def inference_benchmark(checkpoint_path: str, settings: Any, repeats: int = 200,
     percentile of ``repeats`` calls, ms) and :meth:`Predictor.predict_batch` on ``batch`` triplets
     (median, ms, and triplets/s), on the CPU with the current torch thread count. ``fast``: the
     predictor's TorchScript fast path (when it passes its check at load)."""
-    from autoalign.settings import load_settings
     from autoalign.models.networks import count_parameters
     from autoalign.models.predictor import Predictor
 
@@ -90,7 +89,6 @@ def inference_comparison(checkpoint_path: str | None, settings: Any = None, thre
     """Single-triplet end-to-end latency (median, p90, ms) for each engine (eager, TorchScript,
     ONNX Runtime if installed) and thread count, interleaved in one run. Also the share of the
     time spent in :func:`prepare_sections` (binning, background, scaling)."""
-    from autoalign.settings import load_settings
     from autoalign.models.data import prepare_sections
     from autoalign.models.predictor import Predictor
 

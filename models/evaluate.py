@@ -51,7 +51,7 @@ def verdict(rmse_mean: float, rmse_max: float, offset_rmse: float | None, sample
 
 
 def verdict_text(v: bool | None) -> str:
-    return "not judged (< %d samples)" % MIN_SAMPLES_FOR_TARGET if v is None else ("met" if v else "MISSED")
+    return f"not judged (< {MIN_SAMPLES_FOR_TARGET} samples)" if v is None else ("met" if v else "MISSED")
 
 
 def output_names(ckpt: dict[str, Any]) -> list[str]:

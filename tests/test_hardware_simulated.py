@@ -9,7 +9,7 @@ import pytest
 
 from autoalign.settings import load_settings
 from autoalign.hardware.acquisition import acquire_stack, stack_positions
-from autoalign.hardware.base import (SLM, Camera, DeviceError, DeviceNotConnected, DeviceTimeout, FocusStage,
+from autoalign.hardware.base import (SLM, Camera, DeviceNotConnected, DeviceTimeout, FocusStage,
                            SLMInputError, Stack, StageLimitError, XYStage)
 from autoalign.hardware.factory import Devices, open_devices
 from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage

@@ -16,7 +16,7 @@ from autoalign.calibration.donut import build_pupil_phase
 from autoalign.correction import Correction
 from autoalign.diagnosis_types import Diagnoser, Diagnosis
 from autoalign.simulation.zernike import noll_to_nm
-from tests.test_loop_support import LinearPredictor, OraclePredictor, sim_devices, small_settings
+from tests.test_loop_support import OraclePredictor, sim_devices, small_settings
 
 
 def loop_settings(**extra):

@@ -267,7 +267,6 @@ def default_calibration(settings: Any, explicit: str | None = None, disabled: bo
 def run(args: argparse.Namespace) -> int:
     from autoalign.app.cli import cli_path
     from autoalign.hardware.base import DeviceError
-    from autoalign.settings import load_settings
 
     if args.demo_micromanager:  # the command line has pointed args.settings at the packaged demo
         from autoalign.settings import DEMO_MICROMANAGER_SETTINGS_PATH

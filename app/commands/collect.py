@@ -37,7 +37,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autoalign.app.collect import BeadWalk, check_collection_file
-    from autoalign.app.collect import BeadWalk
     from autoalign.app.estimators import make_estimator
     from autoalign.app.loop import AlignmentLoop
     from autoalign.app.cli import cli_path, device_settings

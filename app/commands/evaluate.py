@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(robustness_table(rb))
         bad = [f"{row['factor']}={row['value']}" for row in rb["rows"] if row["verdict"]["all_met"] is False]
         judged = all(row["verdict"]["judged"] for row in rb["rows"])
-        print(f"targets (mean <= 0.05 rad, worst <= 0.08 rad, offset <= 0.01): "
+        print("targets (mean <= 0.05 rad, worst <= 0.08 rad, offset <= 0.01): "
               + (verdict_text(None) if not judged else ("met in every row" if not bad else
                                                         f"missed in {len(bad)} row(s): {', '.join(bad)}")))
         return 0

@@ -37,9 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from autoalign.settings import load_settings
     from autoalign.simulation.dataset import (
-        DatasetError, combine_shards, dataset_info, parse_shard, write_dataset, write_shard,
+        combine_shards, dataset_info, parse_shard, write_dataset, write_shard,
     )
 
     def report(out: object) -> int:

@@ -735,7 +735,6 @@ class MainWindow(QtWidgets.QMainWindow):
     def on_iteration(self, r: Any) -> None:
         self._iterations_done += 1
         metrics = dict(getattr(r, "metrics", {}) or {})
-        k = len(self.history.data["iteration"])
         state = self.slm_state          # what was on the SLM when this record's stack was taken
         self.history.add(metrics, label=state)
         corr = getattr(getattr(r, "correction", None), "coefficients", None)

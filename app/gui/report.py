@@ -14,7 +14,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 SUFFIXES = (".png", ".json", "_correction.yaml")
 
@@ -44,7 +45,7 @@ def write_new(path: Path, write: Callable[[Path], None]) -> None:
             raise
         except OSError:   # a file system without hard links: rename if still free
             if path.exists():
-                raise FileExistsError(path)
+                raise FileExistsError(path) from None
             os.rename(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -632,7 +632,6 @@ class PhaseView(QtWidgets.QWidget):
         self._redraw()
 
     def _redraw(self, *_: object) -> None:
-        pi = self.plotItem
         if self.mode == "slm":
             self.image.setColorMap(_cmap("CET-L1"))
             self.colour_bar.set_colormap(_cmap("CET-L1"))
