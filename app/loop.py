@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 
 from autoalign.app.callbacks import LoopCallbacks, notify
-from autoalign.app.loop_diagnosis import LoopDiagnoser, limit_diagnosis
+from autoalign.app.loop_diagnosis import FitDiagnoser, LoopDiagnoser, limit_diagnosis
 from autoalign.app.safety import RefusedError, check_correction, estimate_problem
 from autoalign.calibration import donut
 from autoalign.calibration.measurement import (CAPTURABLE, Measurement, analyse_stack, next_correction,
@@ -148,7 +148,7 @@ class AlignmentLoop:
         self._ideal: dict[str, Any] | None = None
         self.estimator = estimator
         #: asked in order after every iteration; the first diagnosis wins (``add_diagnoser``)
-        self.diagnosers: list[Diagnoser] = [LoopDiagnoser()]
+        self.diagnosers: list[Diagnoser] = [FitDiagnoser(), LoopDiagnoser()]
         self.diagnosis: Diagnosis | None = None
         self.result: LoopResult | None = None
         self.capture_log: list[str] = []

@@ -232,3 +232,33 @@ def limit_diagnosis(state: LoopState, stop_reason: str) -> Diagnosis:
 
 
 __all__ = ["LoopDiagnoser", "flip_pattern", "mode_parity", "limit_diagnosis", "ORIENTATION_FIX"]
+
+
+class FitDiagnoser:
+    """Names the faults that a model-based fit found (the ``refined`` estimator puts
+    :func:`calibration.diagnosis.diagnose` results in ``Estimate.extras["diagnoses"]``), with the
+    knob to turn. Inert for estimators without a fit. Stops the run only when the same named fault
+    (:data:`calibration.verdict.FAULT_NAMES`) is the dominant finding of ``persistence``
+    consecutive applied estimates, so one noisy fit does not end an alignment; a named fault
+    forbids a "converged" claim (see :func:`calibration.verdict.is_converged_physics`)."""
+
+    def __init__(self, persistence: int = 2) -> None:
+        self.persistence = int(persistence)
+
+    def diagnose(self, state: LoopState, last_estimate: Any) -> Diagnosis | None:
+        from autoalign.calibration.verdict import FAULT_NAMES, summarise_diagnoses
+
+        names: list[str] = []
+        summary = None
+        for record in list(state.history)[-self.persistence:]:
+            est = getattr(record, "estimate", None)
+            extras = getattr(est, "extras", None) or {}
+            if "diagnoses" not in extras:
+                return None
+            null = (record.metrics or {}).get("null_depth")
+            summary = summarise_diagnoses(est, null, state.null_floor)
+            names.append(summary.name)
+        if summary is None or len(names) < self.persistence or len(set(names)) != 1 or names[0] not in FAULT_NAMES:
+            return None
+        return Diagnosis(summary.name, summary.cause, summary.action, dict(summary.limiting_terms), "warning",
+                         stop=True, success=False)

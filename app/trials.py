@@ -245,7 +245,7 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
     iterations = args.iterations or base.loop.max_iterations
     first_seed = base.simulation.seed if args.seed is None else args.seed
     predictor = None
-    if args.corrector == "model":
+    if args.corrector in ("model", "refined"):
         from autoalign.models.predictor import Predictor
 
         predictor = Predictor.load(settings=base)  # errors: the CLI's boundary says what to do (exit 2)

@@ -45,8 +45,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=non_negative_int, default=None, help="first trial's seed, >= 0 (default simulation.seed)")
     p.add_argument("--gain", type=gain_float, default=None,
                    help="fraction of each correction applied, in (0, 1] (default loop.gain)")
-    p.add_argument("--corrector", choices=["model", "modal"], default="model",
-                   help="model: the CNN (default); modal: the model-free baseline")
+    p.add_argument("--corrector", choices=["model", "refined", "modal"], default="model",
+                   help="model: the CNN (default); refined: the CNN then a model-based fit of the stack (uncertainties, "
+                   "validity, named faults such as polarisation or SLM stroke; ~1-2 s per iteration); "
+                   "modal: the model-free baseline")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="model checkpoint (default model.checkpoint; relative to the current folder)")
     p.add_argument("--calibration", default=None, metavar="FILE",
@@ -293,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for t in range(trials_n):
             settings = _settings_for(args, t)
-            if predictor is None and args.corrector == "model":
+            if predictor is None and args.corrector in ("model", "refined"):
                 from autoalign.models.predictor import Predictor
 
                 predictor = Predictor.load(settings=settings)

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --screenshot: auto-align iterations to run first, >= 0 (default 0)")
     p.add_argument("--gain", type=gain_float, default=None,
                    help="with --screenshot: loop gain in (0, 1] (default: settings.loop.gain)")
-    p.add_argument("--corrector", choices=("model", "modal"), default="model",
+    p.add_argument("--corrector", choices=("model", "refined", "modal"), default="model",
                    help="corrector to start with: the CNN model (default) or the classical "
                    "model-free modal baseline (no model needed; 2N+1 stacks per iteration)")
     p.add_argument("--timeout", type=positive_float, default=300.0,

@@ -193,6 +193,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.gain_spin.setToolTip("Fraction of the prediction applied per iteration")
         self.corrector_combo = QtWidgets.QComboBox()
         self.corrector_combo.addItem("CNN model", "model")
+        self.corrector_combo.addItem("CNN + model fit (diagnosis)", "refined")
         self.corrector_combo.addItem("classical modal", "modal")
         self.corrector_combo.setToolTip("Corrector used by Correct once and Auto-align: the CNN "
                                         "(one stack per iteration) or the model-free modal "

@@ -354,9 +354,10 @@ class AlignWorker(QtCore.QObject):
             return None
 
     def do_set_corrector(self, corrector: str) -> str:
-        """``"model"`` (the CNN) or ``"modal"`` (classical sensorless modal AO, many stacks)."""
-        if corrector not in ("model", "modal"):
-            raise ValueError(f"corrector must be 'model' or 'modal', got {corrector!r}")
+        """``"model"`` (the CNN), ``"refined"`` (CNN + model-based fit with fault diagnosis) or
+        ``"modal"`` (classical sensorless modal AO, many stacks)."""
+        if corrector not in ("model", "refined", "modal"):
+            raise ValueError(f"corrector must be 'model', 'refined' or 'modal', got {corrector!r}")
         self.loop.estimator = make_estimator(corrector, self.settings, self.predictor)
         if hasattr(self.loop, "best_score"):   # scores of the two correctors don't compare
             self.loop.best_score = float("inf")
