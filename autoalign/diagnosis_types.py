@@ -52,6 +52,9 @@ class Diagnosis:
         """One line for the stop reason: ``"<cause>: <action>"`` (or the cause alone)."""
         return f"{self.cause}: {self.action}" if self.action else self.cause
 
+    def __str__(self) -> str:  # what a person reads (the GUI's diagnosis slot, logs)
+        return self.message()
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "cause": self.cause, "action": self.action,
                 "limiting_terms": {k: float(v) for k, v in self.limiting_terms.items()},
