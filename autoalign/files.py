@@ -90,18 +90,24 @@ def atomic_writer(path: str | Path, mode: str = "w", encoding: str | None = "utf
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        if p.exists():
-            with contextlib.suppress(OSError):
-                os.chmod(tmp, p.stat().st_mode & 0o7777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
+        _replace_with(tmp, p, keep_mode=True)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _replace_with(tmp: str | Path, p: Path, keep_mode: bool) -> None:
+    """Give the finished temporary file ``tmp`` the permissions of ``p`` (``keep_mode`` and ``p``
+    exists) or the umask's defaults, then rename it onto ``p`` (atomic on one file system)."""
+    if keep_mode and p.exists():
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, p.stat().st_mode & 0o7777)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, p)
 
 
 @contextlib.contextmanager
@@ -121,10 +127,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
+        _replace_with(tmp, p, keep_mode=False)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -46,19 +46,29 @@ def null_depth(sections: np.ndarray, background: float, search_px: int = 3) -> f
     quadratic, so a sub-pixel decentring does not read as a shallow null); the peak is the
     brightest 3 x 3-averaged pixel. A bead of finite size fills the null: the unaberrated floor is
     :meth:`autoalign.app.loop.AlignmentLoop.ideal_null_depth`."""
+    found = _darkest_patch(sections, background, search_px)
+    if found is None:
+        return float("nan")
+    peak, (iy, ix) = found
+    xy = np.asarray(sections[0], dtype=float) - background
+    centre = _quadratic_min(xy[iy - 1 : iy + 2, ix - 1 : ix + 2])
+    return float(max(centre, 0.0) / peak)
+
+
+def _darkest_patch(sections: np.ndarray, background: float, search_px: int) -> tuple[float, tuple[int, int]] | None:
+    """(peak, (y, x)) of the xy section: the brightest 3 x 3 mean above ``background`` and the darkest
+    3 x 3 mean within ``search_px`` of the centre (kept one pixel from the edge); None without signal."""
     xy = np.asarray(sections[0], dtype=float) - background
     n = xy.shape[0]
     mean3 = ndimage.uniform_filter(xy, 3, mode="nearest")
     peak = float(mean3.max())
     if peak <= 0:
-        return float("nan")
+        return None
     c = n // 2
     lo, hi = max(c - search_px, 1), min(c + search_px + 1, n - 1)
     win = mean3[lo:hi, lo:hi]
     iy, ix = np.unravel_index(np.argmin(win), win.shape)
-    iy, ix = iy + lo, ix + lo
-    centre = _quadratic_min(xy[iy - 1 : iy + 2, ix - 1 : ix + 2])
-    return float(max(centre, 0.0) / peak)
+    return peak, (int(iy) + lo, int(ix) + lo)
 
 
 def null_depth_sigma(sections: np.ndarray, background: float, quantum_efficiency: float = 1.0,
@@ -70,18 +80,11 @@ def null_depth_sigma(sections: np.ndarray, background: float, quantum_efficiency
     variance, taken as Poisson on the detected electrons (``photons / quantum_efficiency`` in
     photon units, background included) plus the read noise (photons). The peak (a 3 x 3 mean of
     a bright ring) is treated as exact. NaN when the section has no signal."""
-    xy = np.asarray(sections[0], dtype=float)
-    sub = xy - background
-    n = xy.shape[0]
-    mean3 = ndimage.uniform_filter(sub, 3, mode="nearest")
-    peak = float(mean3.max())
-    if peak <= 0:
+    found = _darkest_patch(sections, background, search_px)
+    if found is None:
         return float("nan")
-    c = n // 2
-    lo, hi = max(c - search_px, 1), min(c + search_px + 1, n - 1)
-    win = mean3[lo:hi, lo:hi]
-    iy, ix = np.unravel_index(np.argmin(win), win.shape)
-    iy, ix = iy + lo, ix + lo
+    peak, (iy, ix) = found
+    xy = np.asarray(sections[0], dtype=float)
     patch = xy[iy - 1: iy + 2, ix - 1: ix + 2]
     var = np.clip(patch.ravel(), 0.0, None) / max(float(quantum_efficiency), 1e-6) + float(read_noise_photons) ** 2
     return float(math.sqrt(max(float(_QUADRATIC_CENTRE_WEIGHTS ** 2 @ var), 1e-12)) / peak)
