@@ -9,4 +9,4 @@ if [ -n "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ] && [ -z "${AUTOALIGN_HEADLESS:-}" ]
   exec .venv/bin/autoalign gui --sim "$@"
 fi
 .venv/bin/autoalign report --out out/donuts.png
-exec .venv/bin/autoalign align --backend sim --trials 5 --iterations 3 --report out/ "$@"
+exec .venv/bin/autoalign align --backend sim --trials 5 --iterations 5 --report out/ "$@"
