@@ -12,6 +12,7 @@ Conventions: pupil coordinates unit radius at the NA; mask offset in pupil radii
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -75,6 +76,19 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
     sections = m.sections - m.background_photons
     return {"sections": sections / max(float(sections[0].max()), 1e-12),
             "null_depth": null_depth(m.sections, m.background_photons)}
+
+
+def truth_key(microscope: Any) -> bytes | None:
+    """A digest of what the simulated truth depends on (the grey image on the SLM and the hidden
+    aberration; the other hidden faults are fixed per microscope, the bead position does not
+    matter): equal keys give equal :func:`true_residual_rms`, :func:`true_null_depth` and
+    :func:`true_mask_offset`. None without a simulated microscope or an image."""
+    image = getattr(microscope, "slm_image", None) if microscope is not None else None
+    if image is None:
+        return None
+    digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16)
+    digest.update(np.asarray(getattr(microscope, "aberration", ()), dtype=float).tobytes())
+    return digest.digest()
 
 
 def true_residual_rms(microscope: Any) -> float | None:

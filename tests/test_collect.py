@@ -20,6 +20,20 @@ from tests.test_loop_support import OraclePredictor, sim_devices, small_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+
+def wait_for_rounds(path, rounds: int, timeout_s: float) -> None:
+    """Poll the bead-walk file another process is writing until it holds ``rounds`` rounds (or
+    the time is up; the caller's assertions then tell what happened)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            with h5py.File(path, "r") as f:
+                if f["round"].shape[0] >= rounds:
+                    return
+        except (OSError, KeyError):
+            continue
+
 def _walk(path, rounds, seed=0, **kw):
     s = small_settings()
     dev = sim_devices(s, {5: 0.3, 7: -0.2}, seed=seed, **kw)
@@ -74,15 +88,7 @@ def test_killed_collection_leaves_readable_file(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            time.sleep(0.3)
-            try:
-                with h5py.File(path, "r") as f:
-                    if f["round"].shape[0] >= 2:
-                        break
-            except (OSError, KeyError):
-                continue
+        wait_for_rounds(path, 2, timeout_s=90)
         time.sleep(0.37)  # land somewhere inside a later round
     finally:
         os.kill(proc.pid, signal.SIGKILL)

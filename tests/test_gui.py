@@ -283,6 +283,7 @@ def test_save_and_load_correction(qtbot, window, tmp_path):
     # a bad file: an error dialog, nothing applied
     bad = tmp_path / "bad.yaml"
     bad.write_text("hello: 1\n")
+    w.results.pop("load_correction", None)  # else _wait_done returns on the earlier load's result
     assert w.load_correction(str(bad))
     _wait_done(qtbot, w, "load_correction")
     assert w.errors and w.errors[-1][0] == "load_correction"

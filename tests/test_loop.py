@@ -299,3 +299,21 @@ def test_history_keeps_only_recent_raw_stacks():
         loop.history.append(IterationRecord(i, m, None, None, None, {}, "refused", 1, 0.0))
         loop._drop_old_stacks()
     assert [r.measurement.stack is None for r in loop.history] == [True, True, False, False]
+
+
+def test_truth_is_computed_once_per_state_on_the_slm(monkeypatch):
+    """The simulated truth (about 1 s) is computed once per SLM state: asking again for the same
+    state reuses it; a new correction on the SLM computes it afresh, equal to an uncached call."""
+    from autoalign.calibration import donut
+
+    loop, dev = make_loop(noise=False)
+    calls = []
+    real = donut.true_null_depth
+    monkeypatch.setattr(donut, "true_null_depth", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = loop._truth()
+    assert loop._truth() == first and len(calls) == 1
+    loop.apply(Correction({k: -v for k, v in ABERRATION.items()}))
+    after = loop._truth()
+    assert len(calls) == 2
+    assert after["true_residual_rms"] < first["true_residual_rms"]
+    assert after["true_residual_rms"] == donut.true_residual_rms(dev.microscope)

@@ -465,6 +465,8 @@ def test_stage_poke_refuses_a_stage_that_does_not_move():
 
 def test_ctrl_c_on_the_collect_command(tmp_path):
     """A real SIGINT to `autoalign collect`: exit status 130, one-line reason, rounds kept, lock gone."""
+    from tests.test_collect import wait_for_rounds
+
     (tmp_path / "small.yaml").write_text(yaml.safe_dump({
         "camera": {"roi_px": 32, "pixel_size_um": 0.05}, "stack": {"planes": 32, "z_step_um": 0.06},
         "model": {"binning": 1}, "loop": {"edge_margin_px": 3}, "optics": {"pupil_samples": 48}}))
@@ -473,15 +475,7 @@ def test_ctrl_c_on_the_collect_command(tmp_path):
                              "--out", "w.h5", "--no-model"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            time.sleep(0.3)
-            try:
-                with h5py.File(path, "r") as f:
-                    if f["round"].shape[0] >= 2:
-                        break
-            except (OSError, KeyError):
-                continue
+        wait_for_rounds(path, 2, timeout_s=120)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
