@@ -214,13 +214,12 @@ class AlignmentLoop:
         """Check and show vortex + ``correction``; raises RefusedError (nothing shown),
         DeviceError (device failed). Does not change ``self.correction``."""
         self.check_correction(correction)
-        phase = donut.build_pupil_phase(self.settings, correction, donut.slm_grid(self.devices.slm, self.settings))
-        if not np.all(np.isfinite(phase)):
-            raise RefusedError("phase contains NaN or infinity")
         try:
-            self.devices.slm.show(phase)
+            phase = donut.show_correction(self.devices.slm, self.settings, correction)
         except SLMInputError as exc:
             raise RefusedError(f"SLM refused the phase: {exc}") from exc
+        except ValueError as exc:  # NaN/inf in the phase: nothing shown
+            raise RefusedError(str(exc)) from exc
         notify(self.callbacks, "on_slm_phase", phase)
         return phase
 

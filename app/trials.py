@@ -40,7 +40,7 @@ class HiddenErrors:
 
     ``aberration_rms``: "A" or "A:B" rad RMS over ``simulation.aberration_modes`` (uniform per
     trial). ``mask_offset``: length (pupil radii) of the vortex-mask misregistration, direction
-    random per trial. ``higher_order_rms``: rad RMS over Noll 16..28. ``bead_offset``: lateral
+    random per trial. ``higher_order_rms``: rad RMS over Noll 16..``higher_order_max_noll`` (28). ``bead_offset``: lateral
     distance (um) of the bead from the ROI centre at start, direction random per trial;
     ``bead_offset_z``: axial (um, sign random). ``drift``: bead random walk (um RMS per axis per
     stack). ``photons``: peak photons of the unaberrated donut (``camera.peak_photons``).
@@ -50,6 +50,7 @@ class HiddenErrors:
     aberration_rms: str | None = None
     mask_offset: float = 0.0
     higher_order_rms: float = 0.0
+    higher_order_max_noll: int = 28
     bead_offset: float = 0.0
     bead_offset_z: float = 0.0
     drift: float = 0.0
@@ -70,7 +71,9 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-offset", type=float, default=0.0, metavar="R",
                    help="vortex-mask misregistration, pupil radii (random direction per trial)")
     g.add_argument("--higher-order-rms", type=float, default=0.0, metavar="RAD",
-                   help="extra hidden aberration over Noll 16..28, rad RMS")
+                   help="extra hidden aberration over Noll 16..N (--higher-order-max-noll), rad RMS")
+    g.add_argument("--higher-order-max-noll", type=int, default=28, choices=range(16, 29), metavar="N",
+                   help="last Noll index of --higher-order-rms, 16..28 (default 28; 22: within the 5..22 model's modes)")
     g.add_argument("--bead-offset", type=float, default=0.0, metavar="UM",
                    help="bead's lateral distance from the ROI centre at start, um (random direction)")
     g.add_argument("--bead-offset-z", type=float, default=0.0, metavar="UM",
@@ -91,6 +94,7 @@ def errors_from_args(args: argparse.Namespace) -> HiddenErrors:
     return HiddenErrors(
         aberration_rms=getattr(args, "aberration_rms", None), mask_offset=float(getattr(args, "mask_offset", 0.0)),
         higher_order_rms=float(getattr(args, "higher_order_rms", 0.0)),
+        higher_order_max_noll=int(getattr(args, "higher_order_max_noll", 28)),
         bead_offset=float(getattr(args, "bead_offset", 0.0)), bead_offset_z=float(getattr(args, "bead_offset_z", 0.0)),
         drift=float(getattr(args, "drift", 0.0)), photons=getattr(args, "photons", None),
         wrong_hand=float(getattr(args, "wrong_hand", 0.0)), slm_stroke=float(getattr(args, "slm_stroke", 1.0)),
@@ -119,6 +123,7 @@ def trial_settings(base: Any, errors: HiddenErrors, seed: int) -> Any:
                                                errors.bead_offset * math.sin(angle_b), z_sign * errors.bead_offset_z]
     if errors.higher_order_rms:
         over["simulation.higher_order_rms_rad"] = errors.higher_order_rms
+        over["simulation.higher_order_modes"] = list(range(16, int(errors.higher_order_max_noll) + 1))
     if errors.drift:
         over["simulation.drift_um_per_step"] = errors.drift
     if errors.photons is not None:
@@ -249,6 +254,11 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
         from autoalign.models.predictor import Predictor
 
         predictor = Predictor.load(settings=base)  # errors: the CLI's boundary says what to do (exit 2)
+    options: dict[str, Any] = {}
+    if args.corrector == "model" and base.model.fine_checkpoint:  # coarse + fine: both loaded once
+        from autoalign.models.estimator import CNNEstimator
+
+        options["fine_predictor"] = CNNEstimator(base).fine_predictor
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -260,7 +270,7 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
     try:
         for seed in bar:
             s = trial_settings(base, errors, seed)
-            est = make_estimator(args.corrector, s, predictor)
+            est = make_estimator(args.corrector, s, predictor, **options)
             try:
                 trials.append(dict(run_loop_trial(s, iterations, est, gain=args.gain, calibration=calibration),
                                    seed=seed))

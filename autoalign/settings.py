@@ -41,8 +41,8 @@ DEMO_MICROMANAGER_SETTINGS_PATH = Path(__file__).resolve().parent / "demo_microm
 #: Version of the settings-file format written and understood by this autoalign.
 SETTINGS_FORMAT_VERSION = 1
 #: Dotted keys holding file or folder paths; relative values resolve against the settings file's folder.
-PATH_KEYS = ("model.checkpoint", "slm.flatness_file", "slm.lut_file", "hardware.micromanager.config_file",
-             "hardware.micromanager.install_dir")
+PATH_KEYS = ("model.checkpoint", "model.fine_checkpoint", "slm.flatness_file", "slm.lut_file",
+             "hardware.micromanager.config_file", "hardware.micromanager.install_dir")
 #: Top-level folders of the repository installed as sub-packages (``models/...`` in the packaged
 #: defaults means the installed ``autoalign.models`` package).
 _SUBPACKAGES = ("models", "simulation", "hardware", "calibration", "app")
@@ -191,6 +191,7 @@ class SLMSettings:
     flatness_file: str | None = _f()
     lut_file: str | None = _f()
     monitor: int = _f(ge=0)
+    pupil_margin: float = _f(0.0, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,12 @@ class ModelSettings:
     modes: list[int] = _f()
     predict_offset: bool = _f()
     binning: int = _f(ge=1, le=8)
+    # optional: a fine model for the last iterations (models.estimator.CNNEstimator, "coarse + fine")
+    fine_checkpoint: str = _f("")
+    fine_modes: list[int] = _f([])
+    fine_below_rad: float = _f(0.15, ge=0.0)
+    fine_below_offset: float = _f(0.02, ge=0.0)
+    fine_damping: float = _f(0.5, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)

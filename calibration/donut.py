@@ -1,6 +1,7 @@
 """The donut the SLM is asked to make, and the references it is judged against.
 
-* :func:`build_pupil_phase`: float phase (rad) that ``SLM.show`` takes for a :class:`Correction`.
+* :func:`build_pupil_phase`: float phase (rad) that ``SLM.show`` takes for a :class:`Correction`;
+  :func:`show_correction` shows it with the pupil moved by the correction's mask offset.
 * :func:`slm_grid`: the pupil grid size of an SLM.
 * :func:`ideal_reference`: the unaberrated donut seen through the measurement pipeline
   (noise-free), giving the correlation reference and the null-depth floor of the bead.
@@ -32,12 +33,24 @@ log = logging.getLogger("autoalign.calibration.donut")
 
 
 def build_pupil_phase(settings: Settings, correction: Correction, m: int) -> np.ndarray:
-    """Float phase (rad) on the m x m pupil grid that ``SLM.show`` takes: the beam's mask (vortex
-    of the configured charge, shifted by ``correction.mask_offset``) plus the Zernike correction,
-    zero outside the pupil. One place builds it: :func:`simulation.phase.total_phase` (the same
-    function the simulated microscope subtracts to read back what the SLM applies)."""
-    return np.asarray(ph.total_phase(settings, m, coefficients=correction.coefficients or None,
-                                     mask_offset=correction.mask_offset), dtype=float)
+    """Float phase (rad) on the m x m pupil grid that ``SLM.show`` takes, in the SLM pupil's own
+    frame: the beam's mask (vortex of the configured charge) centred, plus the Zernike correction,
+    zero outside the pupil (:func:`simulation.phase.total_phase`). ``correction.mask_offset`` is
+    NOT drawn into the grid: :func:`show_correction` moves the whole pupil on the SLM by it, so
+    that the Zernike correction and the pupil's edge move with the vortex (a misregistered beam
+    needs the whole pattern re-centred, not the vortex alone)."""
+    return np.asarray(ph.total_phase(settings, m, coefficients=correction.coefficients or None), dtype=float)
+
+
+def show_correction(slm: Any, settings: Settings, correction: Correction) -> np.ndarray:
+    """Show vortex + ``correction`` on ``slm``: :func:`build_pupil_phase` on the SLM's grid, the
+    pupil displaced by ``correction.mask_offset`` (pupil radii, sub-pixel; ``SLM.show(phase,
+    shift=...)``). Returns the phase grid shown. Raises what ``slm.show`` raises."""
+    phase = build_pupil_phase(settings, correction, slm_grid(slm, settings))
+    if not np.all(np.isfinite(phase)):
+        raise ValueError("phase contains NaN or infinity")
+    slm.show(phase, shift=tuple(float(a) for a in correction.mask_offset))
+    return phase
 
 
 def slm_grid(slm: Any, settings: Settings) -> int:
@@ -65,7 +78,7 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
     cam, focus, slm = SimulatedCamera(mic), SimulatedFocusStage(mic), SimulatedSLM(mic)
     for dev in (cam, focus, slm):
         dev.open()
-    slm.show(build_pupil_phase(s, Correction(), slm_grid(slm, s)))
+    show_correction(slm, s, Correction())
     try:
         saturation = float(cam.saturation_adu)
     except Exception:  # noqa: BLE001
@@ -156,5 +169,5 @@ def true_null_depth(microscope: Any, settings: Settings) -> float | None:
         return None
 
 
-__all__ = ["build_pupil_phase", "slm_grid", "ideal_reference", "true_residual_rms", "true_null_depth",
+__all__ = ["build_pupil_phase", "show_correction", "slm_grid", "ideal_reference", "true_residual_rms", "true_null_depth",
            "true_mask_offset"]

@@ -189,8 +189,7 @@ class SimulatedProbeHost:
         self.restore()
 
     def _show(self, correction: Correction) -> None:
-        grid = self._donut.slm_grid(self.slm, self.settings)
-        self.slm.show(self._donut.build_pupil_phase(self.settings, correction, grid))
+        self._donut.show_correction(self.slm, self.settings, correction)
 
     def acquire(self) -> Measurement:
         """Acquire and analyse one stack of what the SLM shows now."""

@@ -10,14 +10,17 @@ Forward model (units: µm, radians, pupil radii, photons, electrons)
 -------------------------------------------------------------------
 Pupil phase at pupil point ``u`` (the beam's frame):
 
-    phi(u) = s * wrap(V(u - o - c_s) + C(u - o)) * [|u - o| <= 1] + A(u) + tilt(bead x, y)
+    phi(u) = s * wrap(V(w) + C(w / max(1, |w|))) * [|w| <= 1 + g] + A(u) + tilt(bead x, y),
+    w = u - o - c_s
 
 * ``V``: the vortex of ``optics.vortex_charge``; ``C``: the Zernike correction the SLM is
   commanded to show (known; {Noll: rad}, tip/tilt/defocus included) and ``c_s`` the commanded
-  shift of the vortex on the SLM (pupil radii);
+  shift of the whole pattern on the SLM (pupil radii; ``SLM.show(phase, shift)``);
 * ``o``: the SLM's misregistration (mask offset, fitted); the pattern shown is seen shifted by ``o``,
-  and the SLM's pupil circle with it (outside it the SLM shows phase 0: a crescent of the pupil
-  sees the flat SLM; a smooth edge 0.003 pupil radii wide keeps the gradient);
+  and the SLM's pattern disc with it: it reaches ``1 + g`` pupil radii (``g = slm.pupil_margin``;
+  the ring beyond 1 carries the pupil edge's value in its direction), outside it the SLM shows
+  phase 0 (a crescent of the pupil sees the flat SLM when ``|o + c_s| > g``; a smooth edge 0.003
+  pupil radii wide keeps the gradient);
 * ``s``: the SLM's phase stroke (fitted when ``fit_slm_scale``: the SLM delivers ``s`` x the
   commanded phase, wrapped to [0, 2 pi) as the grey levels are; else 1 and no wrap);
 * ``A``: the hidden aberration (Zernike ``modes``, fitted);
@@ -249,6 +252,7 @@ class _Model:
         self.c_modes = [j + 1 for j in np.flatnonzero(self.commanded)]
         self.c_values = [float(self.commanded[j - 1]) for j in self.c_modes]
         self.shift = commanded_shift
+        self.margin = float(getattr(settings.slm, "pupil_margin", 0.0))
         self.charge = int(o.vortex_charge) if o.beam == "vortex" else 0
         self.tilt_scale = math.pi * o.numerical_aperture / o.wavelength_um
         cm = CameraModel.from_settings(settings)
@@ -288,15 +292,19 @@ class _Model:
         tilt = tilt.index_put((torch.tensor([1, 2]),), torch.stack([bx, by]) * self.tilt_scale)
         coef = coef + tilt
         ox, oy = self.value(theta, "offset_x"), self.value(theta, "offset_y")
-        us, vs = self.u - ox, self.v - oy
-        phase = self.charge * torch.atan2(vs - self.shift[1], us - self.shift[0]) if self.charge else 0 * us
-        for j, c in zip(self.c_modes, self.c_values):
-            phase = phase + c * zernike_torch(j, us, vs)
+        # w: the beam's pupil point in the SLM pattern's own frame (misregistration and commanded shift)
+        us, vs = self.u - ox - self.shift[0], self.v - oy - self.shift[1]
+        rho = torch.sqrt(us * us + vs * vs)
+        phase = self.charge * torch.atan2(vs, us) if self.charge else 0 * us
+        if self.c_modes:
+            clamp = 1.0 / torch.clamp(rho, min=1.0)  # the margin ring carries the edge value in its direction
+            for j, c in zip(self.c_modes, self.c_values):
+                phase = phase + c * zernike_torch(j, us * clamp, vs * clamp)
         if self.options.fit_slm_scale or self.fixed.get("slm_phase_scale", 1.0) != 1.0:
             phase = self.value(theta, "slm_phase_scale") * torch.remainder(phase, TWO_PI)
-        # the SLM writes its pattern only inside its own pupil circle (phase 0 outside): with a
-        # misregistration, a crescent of the pupil sees the flat SLM (smooth edge: gradients)
-        edge = torch.sigmoid((1.0 - torch.sqrt(us * us + vs * vs)) / 0.003)
+        # the SLM writes its pattern only inside its disc of 1 + margin (phase 0 outside): beyond the
+        # margin, a crescent of the pupil sees the flat SLM (smooth edge: gradients)
+        edge = torch.sigmoid((1.0 + self.margin - rho) / 0.003)
         phase = phase * edge
         f = torch.clamp(self.value(theta, "wrong_hand_fraction"), 0.0, 1.0)
         field_ = self.sim.pupil_field(f, self.value(theta, "wrong_hand_phase_rad")) if (

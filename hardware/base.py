@@ -151,10 +151,11 @@ class SLM(Device):
     def pixel_pitch_um(self) -> float: ...
 
     @abc.abstractmethod
-    def show(self, phase_rad: np.ndarray) -> None:
+    def show(self, phase_rad: np.ndarray, shift: tuple[float, float] = (0.0, 0.0)) -> None:
         """Display a phase (radians, float) given on a square ``(m, m)`` pupil grid of any size
         spanning the pupil diameter (``simulation.phase.pupil_grid``; indexed ``[v, u]``); the
-        SLM maps it onto its pixels (``hardware.slm.convert.PhaseToGrey``). Invalid input raises
+        SLM maps it onto its pixels (``hardware.slm.convert.PhaseToGrey``), the whole pupil
+        displaced by ``shift`` (pupil radii, u and v; sub-pixel) when given. Invalid input raises
         :class:`SLMInputError` and the last good image stays on the SLM."""
 
     @property

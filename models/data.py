@@ -101,6 +101,19 @@ class PSFDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.path}: split '{split}' contains NaN or infinity")
 
     @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> "PSFDataset":
+        """Move the images, labels, photon counts and backgrounds to ``device`` (in place; the
+        batches and their noise are then drawn there, with a generator on that device)."""
+        self.images = self.images.to(device)
+        self.labels = self.labels.to(device)
+        self.peak = self.peak.to(device)
+        self.background = self.background.to(device)
+        return self
+
+    @property
     def modes(self) -> list[int]:
         return self.info["modes"]
 
@@ -131,10 +144,11 @@ class PSFDataset(torch.utils.data.Dataset):
         """Prepared (inputs, labels) batches; fresh noise each call (drawn from ``generator``).
         ``indices``: the samples, in this order (e.g. a rank's share from a DistributedSampler)."""
         if indices is not None:
-            order = torch.as_tensor(indices, dtype=torch.long)
+            order = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         else:
             n = len(self)
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            order = (torch.randperm(n, generator=generator, device=self.device) if shuffle
+                     else torch.arange(n, device=self.device))
         n = len(order)
         for a in range(0, n, batch_size):
             idx = order[a: a + batch_size]

@@ -67,13 +67,13 @@ def evaluate_loss(model: torch.nn.Module, dataset: PSFDataset, n_out: int, batch
     """Loss (weighted sum over outputs of the mean squared error, :func:`loss_weights`) and
     per-output RMSE on ``dataset`` with noise drawn from a fixed seed."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=dataset.device).manual_seed(seed)
     sq = torch.zeros(n_out, dtype=torch.float64)
     count = 0
     with torch.no_grad():
         for x, y in dataset.batches(batch, shuffle=False, generator=g):
-            out = model(x.to(device)).cpu()
-            sq += ((out - y[:, :n_out]) ** 2).sum(0).double()
+            out = model(x.to(device)).float().cpu()
+            sq += ((out - y[:, :n_out].cpu()) ** 2).sum(0).double()
             count += len(y)
     mse = (sq / max(count, 1)).numpy()
     w = np.ones(n_out) if weights is None else weights.double().numpy()
@@ -127,15 +127,21 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
           schedule: str = "cosine", limit: int | None = None, progress: bool = True,
           tensorboard: bool = True, export: str | Path | None = None,
           dropout: float = 0.1, offset_weight: float = OFFSET_WEIGHT,
-          stop_after: int | None = None, predict_offset: bool | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, predict_offset: bool | None = None,
+          max_minutes: float | None = None, data_on_device: bool = False) -> dict[str, Any]:
     """Train a model on ``data`` and write ``best.pt``, ``last.pt``, ``log.csv`` and ``tb/`` to
     ``out_dir``. ``export``: also write the best model without optimizer state there. Returns a
     summary (best epoch and validation loss, per-mode validation RMSE, time). ``resume``
     continues model, optimizer, schedule, epoch count, history and best loss; ``epochs`` <= 0
     takes the resumed run's own total. ``predict_offset``: train the mask-offset head (default:
     ``settings.model.predict_offset``; a resumed run keeps its own). ``stop_after``: stop after that epoch (the schedule still
-    spans ``epochs``; continue later with ``resume``). Runs distributed under torchrun (module
-    docstring)."""
+    spans ``epochs``; continue later with ``resume``). ``max_minutes``: a wall-clock budget for
+    this call: the cosine schedule advances by ``max(step / total_steps, elapsed / budget)`` and
+    the run stops (validating and saving the partial epoch) when the budget is spent, so a time-
+    boxed run (a lent GPU) still ends at the low learning rate; such a run is not bit-exactly
+    resumable (the schedule depends on the clock). ``data_on_device``: hold the training split and
+    draw its noise on the training device (CUDA: removes the CPU from the loop; the noise stream
+    then differs from the CPU one). Runs distributed under torchrun (module docstring)."""
     from tqdm import tqdm
 
 
@@ -155,6 +161,9 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     main = rank == 0
     progress = progress and main
+    if max_minutes and world > 1:
+        raise ValueError("max_minutes under torchrun: the ranks' clocks would give them different learning "
+                         "rates; give --epochs instead")
     out = Path(out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,9 +215,20 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             range(len(train_ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     steps_per_epoch = math.ceil((len(sampler) if sampler is not None else len(train_ds)) / batch)
     total_steps = max(1, epochs * steps_per_epoch)
+    budget_s = None if not max_minutes else 60.0 * float(max_minutes)
+    t_budget = t_start  # the budget is for the whole call, data loading included
+    clock: dict[str, float] = {}  # "t0": when the first epoch starts (the schedule's time origin)
+
+    def progress_fraction(step: int) -> float:
+        frac = min(step, total_steps) / total_steps
+        if budget_s is not None and "t0" in clock:
+            left = max(budget_s - (clock["t0"] - t_budget), 1.0)
+            frac = max(frac, min(1.0, (time.time() - clock["t0"]) / left))
+        return frac
+
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+            optimizer, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress_fraction(s))))
     elif schedule == "constant":
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     else:
@@ -244,6 +264,10 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
         model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast, scaler = _autocast(dev)
     weights_dev = weights.to(dev)
+    on_device = bool(data_on_device) and dev.type != "cpu"
+    if on_device:
+        train_ds.to(dev)
+        val_ds.to(dev)
 
     training_info = {
         "data": str(data), "data_count": int(train_ds.info["count"]), "data_seed": int(train_ds.info["seed"]),
@@ -252,7 +276,9 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
         "device": str(dev), "threads": int(torch.get_num_threads()), "dropout": float(dropout),
         "loss": "weighted sum over outputs of batch-mean squared error", "offset_weight": float(offset_weight),
         "warm_start": str(warm_start or ""), "resumed_from": str(resume or ""), "world_size": int(world),
-        "noise": "Poisson + Gaussian read noise at load, fresh every epoch",
+        "noise": "Poisson + Gaussian read noise at load, fresh every epoch"
+                 + (f" (drawn on {dev})" if on_device else ""),
+        "max_minutes": float(max_minutes or 0.0),
     }
 
     # the code that runs is the code at the start (later commits do not change a running process)
@@ -273,7 +299,8 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     csv_path = out / "log.csv"
     new_csv = not (resume_ckpt is not None and csv_path.exists())
     tb = _TB(out / "tb", tensorboard and main)
-    g = torch.Generator()
+    g = torch.Generator(device=dev) if on_device else torch.Generator()
+    out_of_time = False
     log.info("training %s (%d parameters) on %d samples (%d val), %d epochs, batch %d, %s",
              arch, count_parameters(model), len(train_ds), len(val_ds), epochs, batch, dev)
     elapsed0 = float(resume_ckpt.get("train_seconds", 0.0)) if resume_ckpt else 0.0
@@ -285,6 +312,7 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
         if new_csv and main:
             writer.writerow(["epoch", "train_loss", "val_loss", "val_rmse_mean", "val_rmse_max", "lr",
                              "seconds"] + [f"val_rmse_{n}" for n in train_ds.info["label_names"][:n_out]])
+        clock["t0"] = time.time()
         for epoch in range(start_epoch + 1, min(epochs, stop_after or epochs) + 1):
             t0 = time.time()
             # every epoch's permutation, noise and dropout come from (seed, epoch, rank) alone, so a
@@ -295,7 +323,7 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             total, seen = 0.0, 0
             if sampler is not None:
                 sampler.set_epoch(epoch)
-                batches = train_ds.batches(batch, generator=g, indices=torch.tensor(list(sampler)))
+                batches = train_ds.batches(batch, generator=g, indices=torch.tensor(list(sampler), device=train_ds.device))
             else:
                 batches = train_ds.batches(batch, shuffle=True, generator=g)
             bar = tqdm(batches, total=steps_per_epoch,
@@ -317,6 +345,9 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
                 total += loss.item() * len(y)
                 seen += len(y)
                 bar.set_postfix(loss=f"{total / seen:.4f}")
+                if budget_s is not None and time.time() - t_budget >= budget_s:
+                    out_of_time = True
+                    break
             bar.close()
             train_loss = total / max(seen, 1)
             if world > 1:  # batch-norm statistics: every rank takes rank 0's (the saved model's)
@@ -355,6 +386,12 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
                 tqdm.write(msg)
             if world > 1:
                 torch.distributed.barrier()
+            if out_of_time:
+                msg = f"time budget of {max_minutes} min spent: stopped after {seen} samples of epoch {epoch}"
+                log.info(msg)
+                if progress:
+                    tqdm.write(msg)
+                break
     tb.close()
     if world > 1:
         torch.distributed.barrier()

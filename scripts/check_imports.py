@@ -20,8 +20,9 @@ LOCAL = {"autoalign", "tests", "benchmarks"} | set(PACKAGE_DIRS)
 # import name -> distribution name, where the two differ and the distribution is not installed here
 KNOWN = {"yaml": "pyyaml", "PIL": "pillow", "PyQt5": "pyqt5", "slmpy": "slmpy (from source)"}
 # package modules imported lazily, with a clear error when missing: the extra that declares them,
-# or None for one that no registry provides
-OPTIONAL = {"mm_test_adapters": "test", "slmpy": None, "onnxruntime": "onnx"}
+# or None for one installed by hand (slmpy from source; psf_generator, the peer that
+# benchmarks/peer_psf_generator.py compares against, never a dependency)
+OPTIONAL = {"mm_test_adapters": "test", "slmpy": None, "onnxruntime": "onnx", "psf_generator": None}
 
 
 def imports(paths: list[Path]) -> dict[str, set[str]]:
@@ -72,7 +73,7 @@ def main() -> int:
             if not ok and module in OPTIONAL:
                 extra = OPTIONAL[module]
                 ok = extra is None or dist in extras.get(extra, set())
-                note = (f"optional, extra [{extra}]" if extra else "optional, installed from source") \
+                note = (f"optional, extra [{extra}]" if extra else "optional, installed by hand") \
                     if ok else f"NOT DECLARED in extra [{extra}]"
             print(f"  {module:<16} -> {dist:<22} {note}")
             if not ok:

@@ -24,7 +24,8 @@ OPTIONS = RefineOptions(crop_px=24, pupil_samples=24)
 @pytest.fixture(scope="module")
 def small():
     return load_settings().replace(**{"camera.roi_px": 32, "stack.planes": 32, "optics.pupil_samples": 32,
-                                      "model.binning": 1})
+                                      "model.binning": 1, "model.modes": list(range(5, 16)),
+                                      "model.predict_offset": False, "model.fine_checkpoint": ""})
 
 
 def fit(settings, commanded=None, options=OPTIONS, seed=7, start_noise=0.05, **faults):
@@ -99,8 +100,9 @@ def test_mask_offset_beyond_range_recentres_the_pupil(small):
     assert ranked[0].name == "mask_offset"
     found = {d.name: d for d in ranked}
     cx, cy = found["mask_offset"].settings["slm.pupil_centre_px"]
-    # the pattern must move by -offset x pupil radius (500 px) on the SLM
-    assert (cx, cy) == pytest.approx((960 - 0.13 * 500, 576 - 0.02 * 500), abs=5)
+    # the pattern must move by -offset x pupil radius (500 px) on the SLM; within 12 px (0.024 pupil
+    # radii): the offset fit's known limit with the pattern's margin (tests/test_refine.py)
+    assert (cx, cy) == pytest.approx((960 - 0.13 * 500, 576 - 0.02 * 500), abs=12)
 
 
 def test_higher_modes_are_named_as_unmodelled(small):

@@ -99,3 +99,36 @@ def test_cnn_estimate_carries_the_prediction_and_its_residual():
 def test_modal_estimator_refuses_to_scan_without_a_loop():
     with pytest.raises(RuntimeError, match="attach"):
         ModalEstimator(modes=[5]).estimate(object())
+
+
+class _Fixed:
+    """A predictor that always reads the same coefficients and offset (counts its calls)."""
+
+    def __init__(self, coefficients, offset=None):
+        self.coefficients, self.offset, self.calls = dict(coefficients), offset, 0
+        self.modes = sorted(self.coefficients)
+
+    def predict(self, sections):
+        self.calls += 1
+        return type("P", (), {"coefficients": dict(self.coefficients), "mask_offset": self.offset})()
+
+
+def test_coarse_plus_fine_routes_by_the_coarse_estimate():
+    s = small_settings().replace(**{"model.fine_below_rad": 0.5, "model.fine_below_offset": 0.03,
+                                    "model.fine_damping": 0.5})
+    meas = type("M", (), {"sections": None})()
+    fine = _Fixed({5: 0.01, 6: -0.02})
+    # far off (0.6 rad > 0.5): the coarse network alone, undamped, the fine one not asked
+    far = CNNEstimator(s, _Fixed({5: 0.6, 6: 0.0, 16: 0.0}, (0.01, 0.0)), fine_predictor=fine).estimate(meas)
+    assert far.coefficients == {5: 0.6, 6: 0.0, 16: 0.0} and far.mask_offset == (0.01, 0.0)
+    assert far.extras["stage"] == "coarse" and fine.calls == 0
+    # a large offset keeps the coarse stage too
+    off = CNNEstimator(s, _Fixed({5: 0.1, 16: 0.0}, (0.05, 0.0)), fine_predictor=fine).estimate(meas)
+    assert off.extras["stage"] == "coarse" and off.mask_offset == (0.05, 0.0)
+    # near (0.2 rad, offset 0.02): the fine network's modes replace the coarse ones, the rest and the
+    # offset are halved, and the residual is that of what is applied
+    near = CNNEstimator(s, _Fixed({5: 0.2, 6: 0.0, 16: 0.04}, (0.02, -0.01)), fine_predictor=fine).estimate(meas)
+    assert near.extras["stage"] == "fine" and fine.calls == 1
+    assert near.coefficients == pytest.approx({5: 0.01, 6: -0.02, 16: 0.02})
+    assert near.mask_offset == pytest.approx((0.01, -0.005))
+    assert near.residual_rms == pytest.approx(math.sqrt(0.01**2 + 0.02**2 + 0.02**2))

@@ -31,7 +31,8 @@ def small_settings(n: int = ROI_SMALL, pixel: float = 0.05, step: float = 0.06, 
     default 64-px optics)."""
     s = load_settings()
     over = {"camera.roi_px": n, "stack.planes": n, "camera.pixel_size_um": pixel, "stack.z_step_um": step,
-            "model.binning": 1, "loop.edge_margin_px": 3, "optics.pupil_samples": 48}
+            "model.binning": 1, "loop.edge_margin_px": 3, "optics.pupil_samples": 48,
+            "model.fine_checkpoint": ""}  # the oracle predictors stand for the whole network side
     over.update(extra)
     return s.replace(**over)
 
@@ -61,8 +62,8 @@ class ScaledSLM:
         self._slm = slm
         self.gain = float(gain)
 
-    def show(self, phase):
-        self._slm.show(self.gain * np.asarray(phase, dtype=float))
+    def show(self, phase, shift=(0.0, 0.0)):
+        self._slm.show(self.gain * np.asarray(phase, dtype=float), shift=shift)
 
     def __getattr__(self, name):
         return getattr(self._slm, name)

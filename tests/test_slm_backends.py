@@ -48,7 +48,7 @@ def test_qt_window_shows_the_grey_image_pixel_for_pixel(qtbot):
 def test_qt_window_hand_image_and_worker_thread(qtbot):
     # 8 x 6 SLM (the geometry of test_slm_convert): grid a,b/c,d -> 64, 191 / 4, 122 by hand
     s = load_settings().replace(**{"slm.width_px": 8, "slm.height_px": 6, "slm.pupil_centre_px": [4.0, 3.0],
-                                   "slm.pupil_radius_px": 2.0, "slm.monitor": 0})
+                                   "slm.pupil_radius_px": 2.0, "slm.monitor": 0, "slm.pupil_margin": 0.0})
     slm = QtSLMWindow.from_settings(s, force=True)
     slm.open()
     try:

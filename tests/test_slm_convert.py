@@ -194,3 +194,40 @@ def test_decode_with_misregistration_shifts_the_pattern():
     grey = conv.encode(5 * u)
     got = conv.decode_at(grey, np.array([0.5]), np.array([0.0]), offset=(0.2, 0.0))[0]
     assert got == pytest.approx(1.5, abs=5 / m + PI / 255)
+
+
+def test_a_pupil_shift_of_half_a_radius_moves_the_image_by_one_pixel():
+    # R = 2 px: a shift of 0.5 pupil radii is exactly 1 px; on a 12 x 6 SLM the pupil stays inside
+    phase = np.array([[0.3, 1.1], [2.0, 2.9]])
+    for flip, step in ((False, 1), (True, -1)):
+        conv = small(width_px=12, pupil_centre_px=(6.0, 3.0), flip_x=flip)
+        plain = conv.encode(phase)
+        moved = conv.encode(phase, shift=(0.5, 0.0))
+        assert np.array_equal(moved, np.roll(plain, step, axis=1))  # flip_x: +u is towards lower columns
+        assert np.array_equal(conv.encode(phase, shift=(0.0, -0.5)), np.roll(plain, -1, axis=0))
+
+
+def test_a_sub_pixel_pupil_shift_is_undone_by_the_same_misregistration():
+    # a smooth phase on a 64-cell grid over a 100 px radius pupil, shown shifted by 0.0137 radii (1.37 px):
+    # read back at beam coordinates misregistered by the same amount it is the phase itself
+    conv = PhaseToGrey(width_px=256, height_px=256, pupil_centre_px=(128.0, 128.0), pupil_radius_px=100.0)
+    m = 64
+    c = -1.0 + (np.arange(m) + 0.5) * 2.0 / m
+    u, v = np.meshgrid(c, c, indexing="xy")
+    phase = 1.5 * u + 0.8 * v * v
+    shift = (0.0137, -0.0091)
+    grey = conv.encode(phase, shift=shift)
+    inner = u * u + v * v <= 0.8**2
+    back = conv.decode_at(grey, u[inner] + shift[0], v[inner] + shift[1])
+    step = 2 * PI / conv.grey_level_2pi
+    assert np.max(np.abs(np.angle(np.exp(1j * (back - phase[inner]))))) <= 0.5 * step + 1e-9
+    # and not read back aligned without the misregistration (the shift is real)
+    assert conv.decode_at(grey, np.array([shift[0]]), np.array([shift[1]]))[0] == pytest.approx(
+        np.mod(phase[32, 32], 2 * PI), abs=0.2)
+
+
+def test_a_pupil_shift_beyond_half_a_radius_or_nan_is_refused():
+    conv = small()
+    for bad in ((0.6, 0.0), (float("nan"), 0.0), ("a", 0)):
+        with pytest.raises(SLMInputError):
+            conv.encode(GRID, shift=bad)

@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="modes only, even if model.predict_offset is true")
     p.add_argument("--offset-weight", type=float, default=None,
                    help="loss weight of the mask-offset outputs (default 25 = (0.05 rad / 0.01)^2)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock budget: the cosine schedule ends and the run stops when it is spent "
+                        "(one process only; not bit-exactly resumable)")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="hold the training split and draw its noise on the GPU (CUDA only; ignored on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
                     device=args.device, schedule=args.schedule, limit=args.limit,
                     progress=not args.quiet, tensorboard=not args.no_tensorboard, export=args.export,
                     stop_after=args.stop_after, predict_offset=args.predict_offset,
+                    max_minutes=args.max_minutes, data_on_device=args.data_on_device,
                     **({} if args.offset_weight is None else {"offset_weight": args.offset_weight}))
     if summary.get("rank", 0) != 0:  # torchrun: rank 0 reports
         return 0

@@ -14,8 +14,12 @@ The phase convention (slmsuite style): phases are float radians until the device
    slm.pupil_centre_px`` (full-SLM coordinates, also with a split screen), ``R =
    slm.pupil_radius_px`` and ``sx = -1`` when ``slm.flip_x`` (``sy`` likewise), else ``+1``.
    Pixels whose centre has ``u^2 + v^2 <= 1`` take the value of the grid cell containing
-   ``(u, v)`` (nearest neighbour: a vortex's 2 pi step is never interpolated); all others get
-   phase 0.
+   ``(u, v)`` (nearest neighbour: a vortex's 2 pi step is never interpolated). With
+   ``slm.pupil_margin`` = g > 0 the pattern reaches out to ``(1 + g) R``: pixels in that ring take
+   the value at the pupil's edge in their direction (radius clamped to ``1 - sqrt(2)/m``), so the
+   vortex stays exact there and the correction is continued flat, and a beam misregistered (or a
+   pattern shifted) by up to g pupil radii is never cut by the pattern's edge. All other pixels
+   get phase 0. ``shift`` (:meth:`PhaseToGrey.levels`) moves the whole pattern, sub-pixel.
 2. Split screen (``slm.split_screen``): this beam owns the ``split_half`` ("left": columns
    ``[0, W // 2)``, "right": ``[W // 2, W)``); the pupil is clipped to it and the other half is
    left at phase 0 (only the flatness correction), for the other beam's own settings.
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 
 TWO_PI = 2.0 * math.pi
 MAX_ABS_PHASE_RAD = 1.0e4
+#: the largest displacement of the whole pupil pattern (pupil radii) :meth:`PhaseToGrey.levels` draws
+MAX_PUPIL_SHIFT = 0.5
 """Phases beyond this magnitude (radians) are refused as absurd (a unit or scaling mistake)."""
 
 __all__ = ["MAX_ABS_PHASE_RAD", "TWO_PI", "SLMConfigError", "PhaseToGrey", "load_flatness", "load_lut"]
@@ -169,8 +175,12 @@ class PhaseToGrey:
         lut: np.ndarray | None = None,
         max_abs_phase_rad: float = MAX_ABS_PHASE_RAD,
         name: str = "SLM",
+        pupil_margin: float = 0.0,
     ) -> None:
         self.name = name
+        if not (math.isfinite(pupil_margin) and 0.0 <= pupil_margin <= 1.0):
+            raise SLMConfigError(f"{name}: slm.pupil_margin = {pupil_margin!r}: expected 0..1 (pupil radii)")
+        self.pupil_margin = float(pupil_margin)
         if int(width_px) != width_px or int(height_px) != height_px or width_px < 1 or height_px < 1:
             raise SLMConfigError(f"{name}: SLM size {width_px} x {height_px} px: expected positive integers")
         self.width_px = int(width_px)
@@ -221,7 +231,7 @@ class PhaseToGrey:
             lut = lut.astype(np.uint8)
         self.lut = lut
         self._inverse_lut = self._make_inverse_lut()
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._maps: dict[tuple[int, float, float], tuple[np.ndarray, np.ndarray]] = {}
         self._pixels = self._pupil_pixels()
 
     # ------------------------------------------------------------------ construction
@@ -253,6 +263,7 @@ class PhaseToGrey:
             flatness=flatness,
             lut=lut,
             name=name,
+            pupil_margin=float(getattr(slm, "pupil_margin", 0.0)),
         )
 
     @property
@@ -275,38 +286,63 @@ class PhaseToGrey:
         grey = np.arange(256, dtype=float)
         return np.argmin(np.abs(grey[:, None] - levels[None, :]), axis=1).astype(np.int64)
 
-    def _pupil_pixels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pupil_pixels(self, shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat indices of the SLM pixels inside the pupil (and in this beam's region) with their
-        pupil coordinates (u, v)."""
-        cx, cy = self.pupil_centre_px
+        pupil coordinates (u, v); ``shift`` (pupil radii, in u and v) moves the whole pupil disc
+        on the SLM (see :meth:`levels`)."""
+        sx = -1.0 if self.flip_x else 1.0
+        sy = -1.0 if self.flip_y else 1.0
         r = self.pupil_radius_px
+        cx = self.pupil_centre_px[0] + sx * r * float(shift[0])
+        cy = self.pupil_centre_px[1] + sy * r * float(shift[1])
         x0, x1 = self.columns
-        c0, c1 = max(x0, int(math.floor(cx - r)) - 1), min(x1, int(math.ceil(cx + r)) + 1)
-        r0, r1 = max(0, int(math.floor(cy - r)) - 1), min(self.height_px, int(math.ceil(cy + r)) + 1)
+        reach = r * (1.0 + self.pupil_margin)
+        c0, c1 = max(x0, int(math.floor(cx - reach)) - 1), min(x1, int(math.ceil(cx + reach)) + 1)
+        r0, r1 = max(0, int(math.floor(cy - reach)) - 1), min(self.height_px, int(math.ceil(cy + reach)) + 1)
         if c1 <= c0 or r1 <= r0:
             return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
         cols = np.arange(c0, c1)
         rows = np.arange(r0, r1)
-        u = (cols + 0.5 - cx) / r * (-1.0 if self.flip_x else 1.0)
-        v = (rows + 0.5 - cy) / r * (-1.0 if self.flip_y else 1.0)
+        u = (cols + 0.5 - cx) / r * sx
+        v = (rows + 0.5 - cy) / r * sy
         uu, vv = np.meshgrid(u, v, indexing="xy")
-        inside = uu * uu + vv * vv <= 1.0
+        inside = uu * uu + vv * vv <= (1.0 + self.pupil_margin) ** 2
         rr, cc = np.meshgrid(rows, cols, indexing="ij")
         flat = (rr * self.width_px + cc)[inside]
         return flat.astype(np.int64), uu[inside], vv[inside]
 
-    def _cell_map(self, m: int) -> np.ndarray:
-        """For a grid of size m: the flat grid cell of each pupil pixel (cached)."""
-        cells = self._maps.get(m)
-        if cells is None:
-            _, u, v = self._pixels
+    def _geometry(self, m: int, shift: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """(flat SLM indices of the pupil pixels, the flat grid cell of each) for a grid of size
+        m and a pupil shift (cached: the unshifted pupil, and the last few shifts)."""
+        key = (int(m), round(float(shift[0]), 12), round(float(shift[1]), 12))
+        hit = self._maps.get(key)
+        if hit is None:
+            flat, u, v = self._pixels if key[1:] == (0.0, 0.0) else self._pupil_pixels(key[1:])
+            if self.pupil_margin > 0:
+                # the margin ring takes the pupil's edge value in its direction: radii clamped to
+                # 1 - sqrt(2)/m, where the containing cell's centre is still inside the pupil
+                rho = np.hypot(u, v)
+                scale = np.minimum(1.0, (1.0 - math.sqrt(2.0) / m) / np.maximum(rho, 1e-12))
+                u, v = u * scale, v * scale
             iu = np.clip(np.floor((u + 1.0) * (m / 2.0)).astype(np.int64), 0, m - 1)
             iv = np.clip(np.floor((v + 1.0) * (m / 2.0)).astype(np.int64), 0, m - 1)
-            cells = iv * m + iu
-            if len(self._maps) > 4:
+            hit = (flat, iv * m + iu)
+            if len(self._maps) > 8:
                 self._maps.clear()
-            self._maps[m] = cells
-        return cells
+            self._maps[key] = hit
+        return hit
+
+    def check_shift(self, shift: Sequence[float]) -> tuple[float, float]:
+        """``shift`` as two finite floats within +-:data:`MAX_PUPIL_SHIFT` pupil radii, else
+        :class:`SLMInputError`."""
+        try:
+            ox, oy = (float(a) for a in shift)
+        except (TypeError, ValueError) as exc:
+            raise SLMInputError(f"{self.name}: pupil shift {shift!r}: expected two numbers (pupil radii)") from exc
+        if not (math.isfinite(ox) and math.isfinite(oy)) or math.hypot(ox, oy) > MAX_PUPIL_SHIFT:
+            raise SLMInputError(f"{self.name}: pupil shift ({ox:g}, {oy:g}) pupil radii: expected finite and "
+                                f"within {MAX_PUPIL_SHIFT} of the centre; nothing shown")
+        return ox, oy
 
     # ------------------------------------------------------------------ phase -> grey
     def validate(self, phase_rad: Any) -> np.ndarray:
@@ -338,26 +374,35 @@ class PhaseToGrey:
             )
         return arr
 
-    def levels(self, phase_rad: Any) -> np.ndarray:
-        """Linear grey levels (0..G-1, int64, SLM-sized) before the LUT, flatness included."""
+    def levels(self, phase_rad: Any, shift: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+        """Linear grey levels (0..G-1, int64, SLM-sized) before the LUT, flatness included.
+
+        ``shift`` ``(du, dv)`` (pupil radii, in the pupil frame u, v) draws the whole pupil (the
+        disc and everything on the grid) displaced on the SLM by that much: the grid's centre
+        lands on SLM pixel ``(cx + sx R du, cy + sy R dv)``, sub-pixel (each pixel takes the cell
+        under its own centre). This is how a vortex-mask misregistration is corrected: moving
+        the whole pattern, as ``slm.pupil_centre_px`` would, so the correction and the pupil edge
+        move with the vortex."""
         arr = self.validate(phase_rad)
+        shift = self.check_shift(shift)
         m = arr.shape[0]
         g = self.grey_level_2pi
         grid = np.rint(np.mod(arr, TWO_PI) * (g / TWO_PI)).astype(np.int64) % g
         out = np.zeros(self.height_px * self.width_px, dtype=np.int64)
-        flat_idx = self._pixels[0]
+        flat_idx, cells = self._geometry(m, shift)
         if flat_idx.size:
-            out[flat_idx] = grid.ravel()[self._cell_map(m)]
+            out[flat_idx] = grid.ravel()[cells]
         out = out.reshape(self.shape)
         if self.flatness is not None:
             out = (out + self.flatness) % g
         return out
 
-    def encode(self, phase_rad: Any) -> np.ndarray:
-        """The 8-bit grey image (height, width) for a pupil phase in radians.
+    def encode(self, phase_rad: Any, shift: Sequence[float] = (0.0, 0.0)) -> np.ndarray:
+        """The 8-bit grey image (height, width) for a pupil phase in radians, the pupil drawn
+        displaced by ``shift`` pupil radii (:meth:`levels`).
 
-        Raises :class:`SLMInputError` for invalid input (see :meth:`validate`)."""
-        lv = self.levels(phase_rad)
+        Raises :class:`SLMInputError` for invalid input (see :meth:`validate`, :meth:`check_shift`)."""
+        lv = self.levels(phase_rad, shift)
         if self.lut is not None:
             return self.lut[lv]
         return lv.astype(np.uint8)

@@ -27,6 +27,7 @@ class ConvertingSLM(SLM):
         self._pixel_pitch_um = float(pixel_pitch_um)
         self._grey: np.ndarray | None = None
         self._phase: np.ndarray | None = None
+        self._shift: tuple[float, float] = (0.0, 0.0)
         self._lock = threading.RLock()
         self.frames_shown = 0
 
@@ -63,18 +64,25 @@ class ConvertingSLM(SLM):
             self.close()
             raise
 
-    def show(self, phase_rad: np.ndarray) -> None:
-        """Convert and display a pupil phase (radians, ``(m, m)``). Invalid input raises
+    def show(self, phase_rad: np.ndarray, shift: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Convert and display a pupil phase (radians, ``(m, m)``), the whole pupil drawn
+        displaced by ``shift`` pupil radii (:meth:`PhaseToGrey.levels`). Invalid input raises
         :class:`SLMInputError`, a device failure :class:`DeviceError`; in both cases the previous
         image stays on the SLM and :attr:`phase_rad` is unchanged."""
         self._require_open()
         phase = self.converter.validate(phase_rad)
-        grey = self.converter.encode(phase)
+        grey = self.converter.encode(phase, shift)
         with self._lock:
             self._display(grey, phase)
             self._grey = grey
             self._phase = phase.copy()
+            self._shift = self.converter.check_shift(shift)
             self.frames_shown += 1
+
+    @property
+    def pupil_shift(self) -> tuple[float, float]:
+        """The displacement (pupil radii) of the pattern shown now (see :meth:`show`)."""
+        return self._shift
 
     @abc.abstractmethod
     def _display(self, grey: np.ndarray, phase_rad: np.ndarray) -> None:
