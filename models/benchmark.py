@@ -97,6 +97,16 @@ def inference_comparison(checkpoint_path: str | None, settings: Any = None, thre
     fast = Predictor.load(checkpoint_path, settings, force=force, fast=True)
     one = _test_triplet(settings)
     engines: list[tuple[str, Any]] = [("eager", eager.predict), (f"{fast.engine}", fast.predict)]
+    if checkpoint_path is None and settings.model.fine_checkpoint:
+        # the shipped coarse + fine pair as the loop runs it near alignment (both networks)
+        from types import SimpleNamespace
+
+        from autoalign.models.estimator import CNNEstimator
+
+        est = CNNEstimator(settings, fast)
+        meas = SimpleNamespace(sections=one)
+        if est.estimate(meas).extras.get("stage") == "fine":
+            engines.append(("coarse+fine", lambda x: est.estimate(meas)))
     try:  # optional: only if already installed
         import onnxruntime as ort  # type: ignore[import-not-found]
 

@@ -225,11 +225,10 @@ def test_a_wrong_stroke_is_read_and_the_step_is_the_one_that_wraps_right(small):
     estimate reports), not the fit's s C + A: after it only the vortex's own stroke error
     ``stroke_residual_rms(0.8)`` is left (honest delivered-phase metric), while the s C + A step
     leaves (1 - s) C on top."""
-    # KNOWN LIMIT: with the pattern's margin (slm.pupil_margin 0.2, the default) this fit fails its
-    # structured-residual test (chi^2/dof 1.65); the fit model's edge is then no longer the pupil's
-    # rim, and the stroke's wrapped sawtooth there is not explained. Unresolved (docs/refined.md);
-    # the stroke case is shown here with the pattern drawn to the pupil's edge only.
-    s = small.replace(**{"simulation.aberration_rms_rad": 0.5, "refine.fit_slm_scale": True, "slm.pupil_margin": 0.0})
+    # the fit's pupil quadrature as fine as the microscope's here (32 nodes, the settings' default):
+    # with 24 the stroke's wrapped sawtooth is not represented and the fit fails its structured-
+    # residual test (chi^2/dof 1.65; docs/refined.md)
+    s = small.replace(**{"simulation.aberration_rms_rad": 0.5, "refine.fit_slm_scale": True, "refine.pupil_samples": 32})
     before = Correction({6: 0.4, 8: -0.3, 11: 0.2})
     e, truth, _ = estimate(s, before, seed=11, slm_phase_scale=0.8)
     assert e.valid, e.reason  # chi^2 fine; the structure the stroke's wraps leave is attributed to it
