@@ -2,6 +2,7 @@
 true residual RMS and true null depth per iteration, a few hidden-error cases, fixed seeds."""
 import sys
 
+from autoalign.app.estimators import make_estimator
 from autoalign.app.loop import AlignmentLoop
 from autoalign.models.predictor import Predictor
 from autoalign.settings import load_settings
@@ -13,15 +14,16 @@ NEW = sys.argv[1] if len(sys.argv) > 1 else "models/weights/modes5-22_offset.pt"
 CASES = [("0.9 rad (5..15)", 0.9, [0.0, 0.0]), ("0.7 rad + offset (0.07, 0.07)", 0.7, [0.07, 0.07]),
          ("1.8 rad (5..15)", 1.8, [0.0, 0.0])]
 for label, rms, off in CASES:
-    for name, ck, extra in (("previous", "models/weights/default.pt", {}),
+    for name, ck, extra in (("previous", "models/weights/default.pt",
+                             {"model.modes": list(range(5, 16)), "model.predict_offset": False}),
                             ("new", NEW, {"model.modes": list(range(5, 23)), "model.predict_offset": True})):
         for seed in (7, 8):
             s = load_settings().replace(**{"simulation.aberration_rms_rad": rms, "simulation.seed": seed,
-                                           "simulation.mask_offset": off, **extra})
+                                           "simulation.mask_offset": off, "model.fine_checkpoint": "", **extra})
             p = Predictor.load(ck, settings=s)
             dev = sim_devices(s, None, bead_um=(0.1, -0.06, 0.1), seed=seed)
             with dev:
-                loop = AlignmentLoop(dev, s, predictor=p)
+                loop = AlignmentLoop(dev, s, make_estimator("model", s, p))
                 loop.zero_slm()
                 res, null = [loop.true_residual_rms()], []
                 for k in range(5):
