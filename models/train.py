@@ -150,6 +150,9 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     rank, world, local_rank = _distributed()
+    if max_minutes and world > 1:
+        raise ValueError("max_minutes under torchrun: the ranks' clocks would give them different learning "
+                         "rates; give --epochs instead")
     dev = _device(device)
     if world > 1:
         import torch.distributed as dist
@@ -161,9 +164,6 @@ def train(data: str | Path, out_dir: str | Path, settings: Any = None, arch: str
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     main = rank == 0
     progress = progress and main
-    if max_minutes and world > 1:
-        raise ValueError("max_minutes under torchrun: the ranks' clocks would give them different learning "
-                         "rates; give --epochs instead")
     out = Path(out_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -193,3 +193,23 @@ def test_robustness_rows_and_model_on_shared_outputs(setup):
     assert len(list((root / "cache").glob("robustness_*.npz"))) == expected
     assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in again["rows"]]
     assert [row["per_output"] for row in cached["rows"]] == [row["per_output"] for row in r["rows"]]
+
+
+def test_a_time_budget_ends_the_run_at_the_low_learning_rate(setup, monkeypatch):
+    """--max-minutes: with far more epochs than the budget allows, the run stops when the budget is
+    spent (validated and saved), and the cosine schedule has reached its floor lr/50 by then."""
+    import time
+
+    s, data, root = setup
+    out = root / "budget"
+    t0 = time.time()
+    summary = train(data, out, s, epochs=10_000, batch=32, lr=2e-3, seed=0, progress=False, max_minutes=0.1)
+    wall = time.time() - t0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert 1 <= len(rows) < 10_000 and summary["history"][-1]["epoch"] == len(rows)
+    assert wall < 6 + 20  # the 6 s budget, plus one validation and the checkpoints
+    assert float(rows[-1]["lr"]) == pytest.approx(2e-3 / 50, rel=0.05)  # the schedule followed the clock
+    assert (out / "last.pt").exists() and torch.load(out / "last.pt", weights_only=True)["training"]["max_minutes"] == 0.1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun each rank's clock would set its own lr
+    with pytest.raises(ValueError, match="max_minutes under torchrun"):
+        train(data, root / "ddp", s, epochs=1, progress=False, max_minutes=0.1)
