@@ -10,7 +10,8 @@ on small aberrations only, hence more precise there) takes over the modes it rea
 model's estimate is within the fine model's domain: when the coarse RMS over Noll >= 5 is at most
 ``model.fine_below_rad`` (the fine model's training range) and its mask offset at most
 ``model.fine_below_offset`` pupil radii, the fine model's coefficients replace the coarse ones for
-``fine_modes``, and the coarse-only modes and the offset are multiplied by ``model.fine_damping``
+``fine_modes`` (and its offset, when it reads one), and the coarse-only modes and the coarse
+offset are multiplied by ``model.fine_damping``
 (their per-shot noise would otherwise set the residual floor; a gain g < 1 on pure noise leaves
 sigma sqrt(g / (2 - g)), 0.58 sigma at 0.5). Measured on the clean 0.7-1.0 rad trials: damping
 0.5 -> 0.042 rad after 3 iterations, 0.3 -> 0.035 but the Noll 16..22 trials slow to 0.11; a
@@ -93,7 +94,11 @@ class CNNEstimator(Estimator):
             damping = float(m.fine_damping)
             coeffs = {k: (fine_coeffs[k] if k in fine_coeffs else damping * v) for k, v in coeffs.items()}
             coeffs.update({k: v for k, v in fine_coeffs.items() if k not in coeffs})
-            off = None if off is None else (damping * off[0], damping * off[1])
+            fine_off = getattr(fine, "mask_offset", None)
+            if fine_off is not None:  # a fine network that reads the offset itself
+                off = (float(fine_off[0]), float(fine_off[1]))
+            elif off is not None:
+                off = (damping * off[0], damping * off[1])
             stage = "fine"
         residual = Estimate.residual_of(coeffs)
         return Estimate(coeffs, off, None, True, "", self.name, residual_rms=residual, score=residual,

@@ -132,3 +132,7 @@ def test_coarse_plus_fine_routes_by_the_coarse_estimate():
     assert near.coefficients == pytest.approx({5: 0.01, 6: -0.02, 16: 0.02})
     assert near.mask_offset == pytest.approx((0.01, -0.005))
     assert near.residual_rms == pytest.approx(math.sqrt(0.01**2 + 0.02**2 + 0.02**2))
+    # a fine network that reads the offset too: its offset is taken as it is
+    reader = _Fixed({5: 0.01, 6: -0.02, 16: 0.005}, (0.004, 0.001))
+    both = CNNEstimator(s, _Fixed({5: 0.2, 6: 0.0, 16: 0.04}, (0.02, -0.01)), fine_predictor=reader).estimate(meas)
+    assert both.coefficients == pytest.approx({5: 0.01, 6: -0.02, 16: 0.005}) and both.mask_offset == (0.004, 0.001)

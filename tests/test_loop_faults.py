@@ -217,6 +217,10 @@ def test_trial_flags_set_the_hidden_errors():
     assert (mic.wrong_hand_fraction, mic.slm_phase_scale, mic.camera_orientation) == (0.02, 0.8, "rotate_180")
     assert s.camera.peak_photons == 200 and mic.drift_um_per_step == 0.05
     assert trial_settings(small_settings(), errors, seed=3) == s  # reproducible per seed
+    # --higher-order-max-noll 22: the extra content only in Noll 16..22 (within the 5..22 network's modes)
+    only = trial_settings(small_settings(), HiddenErrors(higher_order_rms=0.25, higher_order_max_noll=22), seed=3)
+    ab = SimulatedMicroscope(only, noise=False).aberration
+    assert np.sqrt(np.sum(ab[15:22] ** 2)) == pytest.approx(0.25) and not np.any(ab[22:])
 
 
 def test_trial_table_counts_false_successes():
