@@ -361,7 +361,7 @@ def test_packaged_checkpoint_is_the_shipped_weights(tmp_path, monkeypatch):
     s = load_settings()
     location = Path(list(importlib.util.find_spec("autoalign.models").submodule_search_locations)[0])
     assert Path(s.model.checkpoint) == (location / "weights" / "modes5-22_offset.pt").resolve()
-    assert Path(s.model.fine_checkpoint) == (location / "weights" / "default.pt").resolve()
+    assert Path(s.model.fine_checkpoint) == (location / "weights" / "fine5-22_offset.pt").resolve()
     assert Path(s.model.checkpoint).is_file() and Path(s.model.fine_checkpoint).is_file()
     # a copy of the defaults elsewhere still names the shipped weights
     (tmp_path / "copy.yaml").write_text(DEFAULT_SETTINGS_PATH.read_text())
