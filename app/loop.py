@@ -216,10 +216,8 @@ class AlignmentLoop:
         self.check_correction(correction)
         try:
             phase = donut.show_correction(self.devices.slm, self.settings, correction)
-        except SLMInputError as exc:
+        except SLMInputError as exc:  # NaN/inf phase, unsafe shift: nothing shown
             raise RefusedError(f"SLM refused the phase: {exc}") from exc
-        except ValueError as exc:  # NaN/inf in the phase: nothing shown
-            raise RefusedError(str(exc)) from exc
         notify(self.callbacks, "on_slm_phase", phase)
         return phase
 

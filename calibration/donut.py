@@ -45,10 +45,9 @@ def build_pupil_phase(settings: Settings, correction: Correction, m: int) -> np.
 def show_correction(slm: Any, settings: Settings, correction: Correction) -> np.ndarray:
     """Show vortex + ``correction`` on ``slm``: :func:`build_pupil_phase` on the SLM's grid, the
     pupil displaced by ``correction.mask_offset`` (pupil radii, sub-pixel; ``SLM.show(phase,
-    shift=...)``). Returns the phase grid shown. Raises what ``slm.show`` raises."""
+    shift=...)``). Returns the phase grid shown. Raises what ``slm.show`` raises (``SLMInputError``
+    for a NaN phase or an unsafe shift: nothing shown)."""
     phase = build_pupil_phase(settings, correction, slm_grid(slm, settings))
-    if not np.all(np.isfinite(phase)):
-        raise ValueError("phase contains NaN or infinity")
     slm.show(phase, shift=tuple(float(a) for a in correction.mask_offset))
     return phase
 

@@ -104,9 +104,8 @@ def inference_comparison(checkpoint_path: str | None, settings: Any = None, thre
         from autoalign.models.estimator import CNNEstimator
 
         est = CNNEstimator(settings, fast)
-        meas = SimpleNamespace(sections=one)
-        if est.estimate(meas).extras.get("stage") == "fine":
-            engines.append(("coarse+fine", lambda x: est.estimate(meas)))
+        if est.estimate(SimpleNamespace(sections=one)).extras.get("stage") == "fine":
+            engines.append(("coarse+fine", lambda x: est.estimate(SimpleNamespace(sections=x))))
     try:  # optional: only if already installed
         import onnxruntime as ort  # type: ignore[import-not-found]
 

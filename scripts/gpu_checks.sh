@@ -8,11 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1  # the repo's autoalign/ folder must not shadow the package
-if ! "$PY" -c "import autoalign.app.cli" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 3
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. scripts/device_env.sh
 T0=$SECONDS
 say() { echo "[$((SECONDS - T0)) s] $*"; }
 say "1. simulator on ${DEV:-cuda}"

@@ -23,13 +23,8 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$SECONDS
 say() { echo "[$((SECONDS - T0)) s] $*"; }
 RES=$OUT/results.txt
-export PYTHONSAFEPATH=1  # the repo's own autoalign/ folder must not shadow the installed package
-if ! "$PY" -c "import autoalign.app.cli" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 3
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. scripts/device_env.sh
 AA=("$PY" -m autoalign.app.cli)
-export PYTHONUNBUFFERED=1
 CORES=$(nproc); WORKERS=${WORKERS:-$CORES}
 say "machine: $CORES cores; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"

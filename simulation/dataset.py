@@ -464,14 +464,20 @@ def write_dataset(settings: "Settings | str | None", count: int, out: str | Path
                     dsets[f"{split}_{field}"][a - starts[split]: b - starts[split]] = data[field][a - g0: b - g0]
             bar.update(g1 - g0)
 
-        try:
-            _run_jobs(jobs, workers, store)
-        finally:
-            bar.close()
-        f.attrs["complete"] = True
-        f.attrs["generation_s"] = float(time.time() - t0)
+        _run_and_seal(f, jobs, workers, store, bar, t0)
     os.replace(tmp, out)
     return out
+
+
+def _run_and_seal(f: Any, jobs: list[_Job], workers: int, store: Any, bar: Any, t0: float) -> None:
+    """Run the chunk jobs into the open HDF5 file ``f`` (progress ``bar``, closed in any case),
+    then mark it complete with its generation time (seconds since ``t0``)."""
+    try:
+        _run_jobs(jobs, workers, store)
+    finally:
+        bar.close()
+    f.attrs["complete"] = True
+    f.attrs["generation_s"] = float(time.time() - t0)
 
 
 def _run_jobs(jobs: list[_Job], workers: int, store: Any) -> None:
@@ -561,12 +567,7 @@ def write_shard(settings: "Settings | str | None", count: int, out: str | Path, 
                 dsets[field][a: a + len(data["labels"])] = data[field]
             bar.update(len(data["labels"]))
 
-        try:
-            _run_jobs(jobs, max(1, min(workers, len(jobs) or 1)), store)
-        finally:
-            bar.close()
-        f.attrs["complete"] = True
-        f.attrs["generation_s"] = float(time.time() - t0)
+        _run_and_seal(f, jobs, max(1, min(workers, len(jobs) or 1)), store, bar, t0)
     os.replace(tmp, path)
     return path
 

@@ -71,12 +71,13 @@ class ConvertingSLM(SLM):
         image stays on the SLM and :attr:`phase_rad` is unchanged."""
         self._require_open()
         phase = self.converter.validate(phase_rad)
-        grey = self.converter.encode(phase, shift)
+        checked = self.converter.check_shift(shift)
+        grey = self.converter.encode(phase, checked)
         with self._lock:
             self._display(grey, phase)
             self._grey = grey
             self._phase = phase.copy()
-            self._shift = self.converter.check_shift(shift)
+            self._shift = checked
             self.frames_shown += 1
 
     @property
