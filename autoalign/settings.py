@@ -225,6 +225,8 @@ class ModelSettings:
     fine_below_rad: float = _f(0.15, ge=0.0)
     fine_below_offset: float = _f(0.02, ge=0.0)
     fine_damping: float = _f(0.5, ge=0.0, le=1.0)
+    # the mask offset read beside a large aberration is not applied (models.estimator.CNNEstimator)
+    offset_below_rad: float = _f(0.0, ge=0.0)
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,10 @@ def inference_comparison(checkpoint_path: str | None, settings: Any = None, thre
 
         from autoalign.models.estimator import CNNEstimator
 
-        est = CNNEstimator(settings, fast)
-        if est.estimate(SimpleNamespace(sections=one)).extras.get("stage") == "fine":
-            engines.append(("coarse+fine", lambda x: est.estimate(SimpleNamespace(sections=x))))
+        for name, parallel in (("coarse+fine sequential", False), ("coarse+fine", True)):
+            est = CNNEstimator(settings, fast, parallel=parallel)
+            if est.estimate(SimpleNamespace(sections=one)).extras.get("stage") == "fine":
+                engines.append((name, lambda x, est=est: est.estimate(SimpleNamespace(sections=x))))
     try:  # optional: only if already installed
         import onnxruntime as ort  # type: ignore[import-not-found]
 
@@ -211,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; CPU ms = the calling thread's "
           "CPU time, 1 thread only)")
-    print(f"  {'engine':14s}{'threads':>8s}{'median ms':>11s}{'p90 ms':>9s}{'CPU ms':>9s}{'prepare ms':>12s}")
+    print(f"  {'engine':24s}{'threads':>8s}{'median ms':>11s}{'p90 ms':>9s}{'CPU ms':>9s}{'prepare ms':>12s}")
     for r in rows:
         cpu = "-" if r["cpu_ms_median"] is None else f"{r['cpu_ms_median']:.3f}"
-        print(f"  {r['engine']:14s}{r['threads']:8d}{r['single_ms_median']:11.3f}{r['single_ms_p90']:9.3f}"
+        print(f"  {r['engine']:24s}{r['threads']:8d}{r['single_ms_median']:11.3f}{r['single_ms_p90']:9.3f}"
               f"{cpu:>9s}{r['prepare_ms_median']:12.3f}")
     base = {r["threads"]: r["single_ms_median"] for r in rows if r["engine"] == "eager"}
     for r in rows:

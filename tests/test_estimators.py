@@ -136,3 +136,18 @@ def test_coarse_plus_fine_routes_by_the_coarse_estimate():
     reader = _Fixed({5: 0.01, 6: -0.02, 16: 0.005}, (0.004, 0.001))
     both = CNNEstimator(s, _Fixed({5: 0.2, 6: 0.0, 16: 0.04}, (0.02, -0.01)), fine_predictor=reader).estimate(meas)
     assert both.coefficients == pytest.approx({5: 0.01, 6: -0.02, 16: 0.005}) and both.mask_offset == (0.004, 0.001)
+
+
+def test_an_offset_read_beside_a_large_aberration_is_not_applied():
+    """model.offset_below_rad: above it (coarse estimate, rad RMS Noll >= 5) the network's mask
+    offset is held (None: the mask stays where it is), below it the offset is applied as read."""
+    s = small_settings().replace(**{"model.offset_below_rad": 0.6})
+    meas = type("M", (), {"sections": None})()
+    large = CNNEstimator(s, _Fixed({5: 1.0, 6: 0.5}, (0.08, 0.0))).estimate(meas)
+    assert large.mask_offset is None and large.extras["offset_held"]
+    assert large.coefficients == {5: 1.0, 6: 0.5}
+    small = CNNEstimator(s, _Fixed({5: 0.3, 6: 0.2}, (0.08, 0.0))).estimate(meas)
+    assert small.mask_offset == (0.08, 0.0) and not small.extras["offset_held"]
+    always = CNNEstimator(small_settings().replace(**{"model.offset_below_rad": 0.0}),
+                          _Fixed({5: 1.0, 6: 0.5}, (0.08, 0.0))).estimate(meas)
+    assert always.mask_offset == (0.08, 0.0)

@@ -234,6 +234,42 @@ def test_shipped_model_reads_aberrations_and_offset():
         assert off < SHIPPED_OFFSET_RMSE_LIMIT and off < 0.5 * np.sqrt((d["labels"][:, J:] ** 2).mean()), off
 
 
+def test_parallel_pair_reads_both_networks_as_each_alone(tmp_path, ckpt_path, monkeypatch, caplog):
+    """The coarse + fine pair in one concurrent call gives each network's own eager outputs; a
+    pair that cannot be traced faithfully is refused (logged) and the estimator runs the two one
+    after the other, with the same estimate."""
+    import logging
+    from types import SimpleNamespace
+
+    import autoalign.models.predictor as mp
+    from autoalign.models.estimator import CNNEstimator
+
+    s = load_settings()
+    other = tmp_path / "offset.pt"
+    save_checkpoint(_checkpoint(s, "ResNet", predict_offset=True), other)
+    first, second = Predictor.load(other, s), Predictor.load(ckpt_path, s, fast=False)
+    pair = mp.ParallelPair.make(first, second)
+    assert pair is not None
+    for k in range(3):
+        x = _sections(np.random.default_rng(10 + k))
+        a, b = pair.predict(x)
+        ea, eb = (Predictor.load(p, s, fast=False).predict(x) for p in (other, ckpt_path))
+        assert a.coefficients == pytest.approx(ea.coefficients, abs=1e-4)
+        assert a.mask_offset == pytest.approx(ea.mask_offset, abs=1e-4) and b.mask_offset is None
+        assert b.coefficients == pytest.approx(eb.coefficients, abs=1e-4)
+    far_off = s.replace(**{"model.fine_below_rad": 100.0, "model.fine_below_offset": 100.0})
+    meas = SimpleNamespace(sections=_sections(np.random.default_rng(3)))
+    together = CNNEstimator(far_off, first, second).estimate(meas)
+    monkeypatch.setattr(mp, "FAST_PATH_TOLERANCE", -1.0)
+    with caplog.at_level(logging.INFO, logger="autoalign.models.predictor"):
+        est = CNNEstimator(far_off, first, second)
+        assert est.pair is None
+        apart = est.estimate(meas)
+    assert "one after the other" in caplog.text
+    assert together.extras["stage"] == apart.extras["stage"] == "fine"
+    assert together.coefficients == pytest.approx(apart.coefficients, abs=1e-4)
+
+
 def test_torchscript_fast_path_matches_eager_and_falls_back(ckpt_path, monkeypatch, caplog):
     """The predictor runs the traced/frozen network only when it reproduces the eager outputs;
     otherwise it logs why and keeps the eager model (same API, same numbers)."""
