@@ -226,7 +226,7 @@ class ModelSettings:
     fine_below_offset: float = _f(0.02, ge=0.0)
     fine_damping: float = _f(0.5, ge=0.0, le=1.0)
     # the mask offset read beside a large aberration is not applied (models.estimator.CNNEstimator)
-    offset_below_rad: float = _f(0.0, ge=0.0)
+    offset_below_rad: float = _f(0.6, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -310,6 +310,8 @@ class RefineSettings:
     uncertainties: bool = _f(True)                 # Fisher information (1 sigma per mode, CRB)
     agreement_rad: float = _f(0.4, gt=0.0)         # largest |fit - network| per mode of a valid estimate
     structure_p: float = _f(1e-12, gt=0.0, lt=1.0)  # structured-residual p below which a fit is invalid
+    fit_below_rad: float = _f(1.0, ge=0.0)         # network estimate (rad RMS) above which the fit is skipped; 0: never
+    require_agreement: bool = _f(False)            # refuse a fit that explains the data when the network disagrees
 
 
 @dataclass(frozen=True)

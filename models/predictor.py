@@ -218,6 +218,7 @@ class Predictor:
         self.engine = "eager"
         self.fast_path_difference: float | None = None
         self._runner: Any = self.model
+        self._pairs: dict[int, Any] = {}  # ParallelPair.make's cache: id(second) -> pair
         if fast:
             self._try_fast_path()
 
@@ -311,7 +312,8 @@ class ParallelPair:
 
     Kept only when its outputs match the two eager models on a probe batch (max abs difference <=
     :data:`FAST_PATH_TOLERANCE`). :meth:`make` returns None (and logs why) otherwise, or when the
-    two cannot share one input (other device, sections or binning)."""
+    two cannot share one input (other device, sections or binning); a pair once made is reused
+    (cached on ``first``), so the estimators of successive trials share it."""
 
     def __init__(self, first: Predictor, second: Predictor) -> None:
         self.first, self.second = first, second
@@ -340,8 +342,12 @@ class ParallelPair:
                "different sections or binning" if (first.section_px, first.binning)
                != (second.section_px, second.binning) else "")
         if not why:
+            cached = first._pairs.get(id(second))
+            if cached is not None and cached.second is second:
+                return cached  # type: ignore[no-any-return]
             try:
-                return cls(first, second)
+                first._pairs[id(second)] = pair = cls(first, second)
+                return pair
             except Exception as exc:  # noqa: BLE001 - any tracing problem: one after the other
                 why = str(exc)
         log.info("coarse + fine run one after the other (%s)", why)

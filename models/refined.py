@@ -25,9 +25,16 @@ The :class:`~autoalign.estimator.Estimate` returned:
 * ``uncertainty``: 1 sigma per mode from the inverse Fisher information;
 * ``valid``: the fit explains the data (chi^2/dof <= ``CHI2_MAX``, no structured residual at
   p < ``refine.structure_p``, see :func:`fit_problems`, unless chi^2 is fine and a fitted fault
-  with sharp edges, the stroke or the mask offset, was found: ``extras["structure_attributed_to"]``) AND the
-  network agrees with the fit within ``refine.agreement_rad`` on every mode (the network is in its
-  domain); ``reason`` says which failed and by how much;
+  with sharp edges, the stroke or the mask offset, was found: ``extras["structure_attributed_to"]``);
+  ``reason`` says which failed and by how much. A network that disagrees with the fit by more
+  than ``refine.agreement_rad`` on a mode is outside its domain (``extras["network_outside_domain"]``
+  names the modes): the fit that explains the data is then used (measured: 1.6-2.0 rad trials,
+  where the network reads 0.4-0.6x the truth, reach 0.032 rad in 5 iterations instead of stopping
+  on refused fits); with ``refine.require_agreement`` such an estimate is refused instead, as is
+  any estimate whose fit does not explain the data;
+* far off, when the network reads more than ``refine.fit_below_rad`` (rad RMS, Noll >= 5; the
+  fit's capture range: beyond it the likelihood has other minima), the network's estimate itself,
+  unfitted (``extras["fit_skipped"]`` says so), no uncertainties or diagnosis;
 * ``residual_rms`` and ``score``: the RMS of the fitted aberration present (Noll >= 5), a
   maximum-likelihood MEASUREMENT of the residual (precise to ~``crb_residual_rms``), lower is better;
 * ``extras``: ``refine`` (summary of the :class:`~autoalign.calibration.refine.RefineResult`: wrong-hand
@@ -156,6 +163,8 @@ class RefinedEstimator(Estimator):
             raise ValueError(f"RefinedEstimator: agreement_rad = {agreement_rad!r}: expected > 0 (radians)")
         self.wanted_null = wanted_null
         self.structure_p = float(settings.refine.structure_p)
+        self.fit_below_rad = float(settings.refine.fit_below_rad)
+        self.require_agreement = bool(settings.refine.require_agreement)
         self.host: ProbeHost | None = None
         self.last_result: RefineResult | None = None
         self._misregistration = (0.0, 0.0)  # warm start of the offset when the network does not read it
@@ -199,6 +208,16 @@ class RefinedEstimator(Estimator):
     # ------------------------------------------------------------------ estimate
     def estimate(self, measurement: MeasurementLike) -> Estimate:
         net = self.network.estimate(measurement)
+        network_rms = Estimate.residual_of(net.coefficients)
+        if net.valid and 0 < self.fit_below_rad < network_rms:
+            # beyond the fit's capture range the likelihood has other minima and the network is the
+            # better guess: its estimate is applied as it is (the loop still scores on the measurement)
+            why = (f"fit skipped: the network reads {network_rms:.2f} rad RMS, above refine.fit_below_rad "
+                   f"{self.fit_below_rad:g} (the fit's capture range)")
+            log.info(why)
+            return Estimate(dict(net.coefficients), net.mask_offset, None, True, "", self.name,
+                            residual_rms=net.residual_rms, score=net.score,
+                            extras={**net.extras, "network": dict(net.coefficients), "fit_skipped": why})
         stack = getattr(measurement, "stack", None)
         if stack is None or getattr(stack, "data", None) is None:
             return Estimate(dict(net.coefficients), net.mask_offset, None, False,
@@ -249,10 +268,15 @@ class RefinedEstimator(Estimator):
         reasons = [f"fit: {why}" for why in problems]
         disagreement = {j: present[j] - float(net.coefficients[j]) for j in modes if j in net.coefficients}
         far = {j: d for j, d in disagreement.items() if abs(d) > self.agreement_rad}
+        outside = None
         if far:
             worst = ", ".join(f"Z{j} {d:+.2f} rad" for j, d in sorted(far.items(), key=lambda kv: -abs(kv[1])))
-            reasons.append(f"network and fit disagree beyond {self.agreement_rad:g} rad (fit - network: {worst}): "
-                           "the network is outside its domain")
+            outside = (f"network and fit disagree beyond {self.agreement_rad:g} rad (fit - network: {worst}): "
+                       "the network is outside its domain")
+            if self.require_agreement or reasons:  # a fit that does not explain the data is no arbiter
+                reasons.append(outside)
+            else:
+                log.info("%s; the fit explains the data and is used", outside)
         if not net.valid:
             reasons.append(f"network: {net.reason}")
 
@@ -266,6 +290,7 @@ class RefinedEstimator(Estimator):
             "measured_null": _plain(measured),
             "null_floor": float(floor),
             "structure_attributed_to": attributed,
+            "network_outside_domain": outside,
         }
         reason = "; ".join(reasons)
         if reasons:

@@ -249,7 +249,7 @@ def test_parallel_pair_reads_both_networks_as_each_alone(tmp_path, ckpt_path, mo
     save_checkpoint(_checkpoint(s, "ResNet", predict_offset=True), other)
     first, second = Predictor.load(other, s), Predictor.load(ckpt_path, s, fast=False)
     pair = mp.ParallelPair.make(first, second)
-    assert pair is not None
+    assert pair is not None and mp.ParallelPair.make(first, second) is pair  # made once, reused
     for k in range(3):
         x = _sections(np.random.default_rng(10 + k))
         a, b = pair.predict(x)
@@ -262,7 +262,7 @@ def test_parallel_pair_reads_both_networks_as_each_alone(tmp_path, ckpt_path, mo
     together = CNNEstimator(far_off, first, second).estimate(meas)
     monkeypatch.setattr(mp, "FAST_PATH_TOLERANCE", -1.0)
     with caplog.at_level(logging.INFO, logger="autoalign.models.predictor"):
-        est = CNNEstimator(far_off, first, second)
+        est = CNNEstimator(far_off, Predictor.load(other, s), Predictor.load(ckpt_path, s, fast=False))
         assert est.pair is None
         apart = est.estimate(meas)
     assert "one after the other" in caplog.text

@@ -131,12 +131,31 @@ def test_refinement_beats_its_warm_start_on_a_clean_aberration(small):
     assert e.extras["diagnoses"] == []  # nothing but Zernike modes; a measured null of ~0 is no "floor"
 
 
-def test_a_network_out_of_its_domain_is_refused_naming_the_mode(small):
+def test_a_network_out_of_its_domain_is_named_and_the_fit_used(small):
+    """A network wrong by 0.6 rad on Z7: the fit, which explains the data, finds the truth and is
+    used, the network's mode named as outside its domain; with refine.require_agreement the same
+    estimate is refused naming the mode."""
     e, truth, _ = estimate(small, bias={7: 0.6})
-    assert not e.valid
-    assert "disagree" in e.reason and "Z7" in e.reason
+    assert e.valid and e.reason == ""
+    assert "disagree" in e.extras["network_outside_domain"] and "Z7" in e.extras["network_outside_domain"]
     assert e.extras["disagreement"][7] == pytest.approx(-0.6, abs=0.1)
-    assert abs(e.coefficients[7] - truth[7]) < 0.05  # the fit still found the truth
+    assert abs(e.coefficients[7] - truth[7]) < 0.05  # the fit found the truth
+    strict, _, _ = estimate(small.replace(**{"refine.require_agreement": True}), bias={7: 0.6})
+    assert not strict.valid and "disagree" in strict.reason and "Z7" in strict.reason
+
+
+def test_far_off_the_network_estimate_is_applied_unfitted(small):
+    """Above refine.fit_below_rad (the fit's capture range) the network's estimate is returned as
+    it is, valid, saying the fit was skipped; with the limit off the same stack is fitted."""
+    bias = {5: 1.0, 6: -0.8}  # the network reads > 1.2 rad RMS
+    e, truth, _ = estimate(small.replace(**{"refine.fit_below_rad": 1.0}), bias=bias)
+    assert e.valid and "fit_skipped" in e.extras and "refine.fit_below_rad" in e.extras["fit_skipped"]
+    assert e.coefficients == e.extras["network"]
+    assert e.coefficients[5] - truth[5] == pytest.approx(1.0, abs=0.2)
+    # why: fitted from 1.3 rad off, the fit lands in another minimum that does not explain the data
+    fitted, _, _ = estimate(small.replace(**{"refine.fit_below_rad": 0.0}), bias=bias)
+    assert "fit_skipped" not in fitted.extras and not fitted.valid
+    assert "does not explain the data" in fitted.reason and "disagree" in fitted.reason
 
 
 def test_without_the_raw_stack_the_estimate_is_refused(small):
