@@ -533,13 +533,18 @@ class AlignmentLoop:
         return r
 
     def _limits_text(self, records: list[IterationRecord]) -> str:
+        """The last measured null against the bead floor, and what the estimator said limits it
+        (``extras["fit_refused"]`` of the last estimate, e.g. a fit that did not explain the data)."""
+        last = next((r.estimate for r in reversed(records) if r.estimate is not None), None)
+        note = str((last.extras or {}).get("fit_refused") or "") if last is not None else ""
+        note = f"; {note}" if note else ""
         for r in reversed(records):
             null = (r.metrics or {}).get("null_depth")
             if null is not None and math.isfinite(null):
                 sigma = r.metrics.get("null_depth_sigma", math.nan)
                 return (f"measured null {null:.4f} +- {sigma:.4f} vs the bead floor {self.ideal_null_depth():.4f} "
-                        f"(+{self.floor_margin:g})")
-        return "no valid measurement"
+                        f"(+{self.floor_margin:g}){note}")
+        return "no valid measurement" + note
 
     def run(self, iterations: int | None = None, gain: float | None = None) -> list[IterationRecord]:
         """Iterate until the MEASURED donut is aligned (null depth + 2 sigma within the bead floor

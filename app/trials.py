@@ -246,6 +246,8 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
     from autoalign.app.estimators import make_estimator
 
     base = device_settings(args)
+    if getattr(args, "corrector", None) is None:
+        args.corrector = base.loop.corrector
     errors = errors_from_args(args)
     iterations = args.iterations or base.loop.max_iterations
     first_seed = base.simulation.seed if args.seed is None else args.seed
@@ -254,11 +256,11 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
         from autoalign.models.predictor import Predictor
 
         predictor = Predictor.load(settings=base)  # errors: the CLI's boundary says what to do (exit 2)
-    options: dict[str, Any] = {}
-    if args.corrector == "model" and base.model.fine_checkpoint:  # coarse + fine: both loaded once
+    fine = None
+    if args.corrector in ("model", "refined") and base.model.fine_checkpoint:  # coarse + fine: both loaded once
         from autoalign.models.estimator import CNNEstimator
 
-        options["fine_predictor"] = CNNEstimator(base).fine_predictor
+        fine = CNNEstimator(base).fine_predictor
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -270,6 +272,13 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
     try:
         for seed in bar:
             s = trial_settings(base, errors, seed)
+            options: dict[str, Any] = {}
+            if fine is not None and args.corrector == "model":
+                options = {"fine_predictor": fine}
+            elif fine is not None:  # refined: its network is the coarse + fine pair, loaded once
+                from autoalign.models.estimator import CNNEstimator
+
+                options = {"network": CNNEstimator(s, predictor, fine_predictor=fine)}
             est = make_estimator(args.corrector, s, predictor, **options)
             try:
                 trials.append(dict(run_loop_trial(s, iterations, est, gain=args.gain, calibration=calibration),

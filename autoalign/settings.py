@@ -276,6 +276,7 @@ class LoopSettings:
     capture_tries: int = _f(4, ge=0)                    # stage moves of a bead search before giving up
     aligned_min_correlation: float = _f(0.97, ge=0.0, le=1.0)  # ... and the donut's shape matches the ideal
     min_corrections: int = _f(3, ge=0)                  # corrections applied before "aligned" may stop the run
+    corrector: Literal["model", "refined", "modal"] = _f("refined")  # the loop's default estimator
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ class RefineSettings:
     structure_p: float = _f(1e-12, gt=0.0, lt=1.0)  # structured-residual p below which a fit is invalid
     fit_below_rad: float = _f(1.0, ge=0.0)         # network estimate (rad RMS) above which the fit is skipped; 0: never
     require_agreement: bool = _f(False)            # refuse a fit that explains the data when the network disagrees
+    network_fallback: bool = _f(True)              # a fit that does not explain the data: apply the network's estimate
 
 
 @dataclass(frozen=True)

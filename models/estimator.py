@@ -8,7 +8,7 @@ is loaded on first use (:meth:`CNNEstimator.prepare`).
 Coarse + fine: with ``model.fine_checkpoint`` set, a second network (``model.fine_modes``, trained
 on small aberrations only, hence more precise there) takes over the modes it reads once the coarse
 model's estimate is within the fine model's domain: when the coarse RMS over Noll >= 5 is at most
-``model.fine_below_rad`` (the fine model's training range) and its mask offset at most
+``model.fine_below_rad`` (below the fine model's training range, see below) and its mask offset at most
 ``model.fine_below_offset`` pupil radii, the fine model's coefficients replace the coarse ones for
 ``fine_modes`` (and its offset, when it reads one), and the coarse-only modes and the coarse
 offset are multiplied by ``model.fine_damping``

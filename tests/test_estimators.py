@@ -70,6 +70,23 @@ def test_an_invalid_estimate_applies_nothing():
     assert dev.slm.frames_shown == frames and loop.correction == Correction()
 
 
+class _HalfTruth(TruthEstimator):
+    """Corrects half the residual per iteration and says what limits it (``fit_refused``)."""
+
+    def estimate(self, measurement) -> Estimate:
+        e = super().estimate(measurement)
+        half = {k: 0.5 * v for k, v in e.coefficients.items()}
+        return Estimate(half, source=self.name, residual_rms=e.residual_rms, score=e.score,
+                        extras={"fit_refused": "the fit did not explain the data: fit more modes"})
+
+
+def test_the_stop_reason_says_what_the_estimator_said_limits_it():
+    loop, _ = _loop(lambda dev: _HalfTruth(dev.microscope))
+    loop.run(iterations=1)
+    assert loop.stop_reason.startswith("iteration limit (1): measured null")
+    assert loop.stop_reason.endswith("; the fit did not explain the data: fit more modes"), loop.stop_reason
+
+
 def test_swapping_the_estimator_forgets_the_best_score():
     loop, dev = _loop(lambda dev: TruthEstimator(dev.microscope))
     loop.best_score = 0.1

@@ -110,12 +110,18 @@ def test_wrong_hand_fault_is_valid_and_named(small):
     assert all(math.isfinite(s) and s > 0 for s in e.uncertainty.values())
 
 
-def test_unmodelled_higher_modes_make_the_estimate_invalid(small):
+def test_unmodelled_higher_modes_make_the_fit_invalid_and_the_network_is_applied(small):
+    """0.3 rad beyond the fitted modes: the fit does not explain the data. By default the network's
+    estimate is applied, saying why and naming the fault; with refine.network_fallback off the
+    estimate is refused."""
     e, _, _ = estimate(small, higher_order_rms_rad=0.3)
-    assert not e.valid
-    assert "chi^2/dof" in e.reason or "structured residual" in e.reason
+    assert e.valid and e.coefficients == e.extras["network"]
+    assert "did not explain the data" in e.extras["fit_refused"] and "Noll 28" in e.extras["fit_refused"]
     assert e.extras["diagnoses"][0]["name"] == "unmodelled_aberration"
     assert vd.summarise_diagnoses(e, e.extras["measured_null"], e.extras["null_floor"]).name == "unmodelled_aberration"
+    strict, _, _ = estimate(small.replace(**{"refine.network_fallback": False}), higher_order_rms_rad=0.3)
+    assert not strict.valid
+    assert "chi^2/dof" in strict.reason or "structured residual" in strict.reason
 
 
 def test_refinement_beats_its_warm_start_on_a_clean_aberration(small):
@@ -153,7 +159,8 @@ def test_far_off_the_network_estimate_is_applied_unfitted(small):
     assert e.coefficients == e.extras["network"]
     assert e.coefficients[5] - truth[5] == pytest.approx(1.0, abs=0.2)
     # why: fitted from 1.3 rad off, the fit lands in another minimum that does not explain the data
-    fitted, _, _ = estimate(small.replace(**{"refine.fit_below_rad": 0.0}), bias=bias)
+    fitted, _, _ = estimate(small.replace(**{"refine.fit_below_rad": 0.0, "refine.network_fallback": False}),
+                            bias=bias)
     assert "fit_skipped" not in fitted.extras and not fitted.valid
     assert "does not explain the data" in fitted.reason and "disagree" in fitted.reason
 

@@ -569,3 +569,35 @@ def test_align_trials_ctrl_c_keeps_finished_trials_and_report(tmp_path, monkeypa
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["stopped"].startswith("interrupted")
     assert summary["kind"] == trials_mod.REPORT_KIND
+
+
+def test_the_default_corrector_is_the_settings_loop_corrector(tmp_path, monkeypatch, capsys):
+    """`align` without --corrector uses loop.corrector (the packaged default: refined), the flag
+    overrides it; the GUI's worker starts with the same."""
+    import json
+
+    import yaml
+
+    from autoalign.app import trials as trials_mod
+    from autoalign.app.cli import main
+    from autoalign.app.gui.worker import AlignWorker
+    from autoalign.settings import load_settings
+
+    assert load_settings().loop.corrector == "refined"
+    assert AlignWorker(load_settings()).initial_corrector == "refined"
+    seen = []
+    monkeypatch.setattr(trials_mod, "run_loop_trial", lambda settings, iterations, estimator, **kw:
+                        seen.append(estimator.name) or {"rows": [{"iteration": 0}], "stop": "x", "converged": False,
+                                                        "diagnosis": None, "false_success": False,
+                                                        "ideal_null_depth": 0.02, "stacks": 1, "wall_s": 0.0,
+                                                        "worse_than_start": False})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOALIGN_DATA_DIR", str(tmp_path / "userdata"))
+    modal = tmp_path / "modal.yaml"
+    modal.write_text(yaml.safe_dump({"loop": {"corrector": "modal"}}))
+    assert main(["align", "--settings", str(modal), "--trials", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["corrector"] == "modal"
+    assert main(["align", "--settings", str(modal), "--trials", "1", "--json", "--corrector", "model"]) == 0
+    assert json.loads(capsys.readouterr().out)["corrector"] == "model"
+    assert seen == ["modal", "model"]
+    assert AlignWorker(load_settings(str(modal))).initial_corrector == "modal"

@@ -45,10 +45,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=non_negative_int, default=None, help="first trial's seed, >= 0 (default simulation.seed)")
     p.add_argument("--gain", type=gain_float, default=None,
                    help="fraction of each correction applied, in (0, 1] (default loop.gain)")
-    p.add_argument("--corrector", choices=["model", "refined", "modal"], default="model",
-                   help="model: the CNN (default); refined: the CNN then a model-based fit of the stack (uncertainties, "
-                   "validity, named faults such as polarisation or SLM stroke; ~1-2 s per iteration); "
-                   "modal: the model-free baseline")
+    p.add_argument("--corrector", choices=["model", "refined", "modal"], default=None,
+                   help="refined: the CNN then a model-based fit of the stack (uncertainties, validity, named faults "
+                   "such as polarisation or SLM stroke; ~1 s per iteration); model: the CNN alone (ms); "
+                   "modal: the model-free baseline (default: the settings' loop.corrector, refined)")
     p.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="model checkpoint (default model.checkpoint; relative to the current folder)")
     p.add_argument("--calibration", default=None, metavar="FILE",
@@ -277,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
             args.settings = str(DEMO_MICROMANAGER_SETTINGS_PATH)
         args.backend = "micromanager"
     base = load_settings(args.settings)
+    if args.corrector is None:
+        args.corrector = base.loop.corrector
     if args.backend is None:
         args.backend = "micromanager" if base.hardware.backend == "micromanager" else "sim"
     report_dir = _prepare_report(cli_path(args.report), args.force)

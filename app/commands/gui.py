@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --screenshot: auto-align iterations to run first, >= 0 (default 0)")
     p.add_argument("--gain", type=gain_float, default=None,
                    help="with --screenshot: loop gain in (0, 1] (default: settings.loop.gain)")
-    p.add_argument("--corrector", choices=("model", "refined", "modal"), default="model",
-                   help="corrector to start with: the CNN model (default) or the classical "
-                   "model-free modal baseline (no model needed; 2N+1 stacks per iteration)")
+    p.add_argument("--corrector", choices=("model", "refined", "modal"), default=None,
+                   help="corrector to start with: refined (CNN + model-based fit), model (the CNN alone) or the "
+                   "classical model-free modal baseline (2N+1 stacks per iteration); default: loop.corrector")
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="with --screenshot: give up after this many seconds, > 0 (default 300)")
     p.set_defaults(func=run)
@@ -51,4 +51,4 @@ def run(args: argparse.Namespace) -> int:
     if args.auto_align and not args.screenshot:
         print("autoalign gui: --auto-align is used with --screenshot (ignored)", file=sys.stderr)
     return run_app(settings, screenshot=args.screenshot, auto_align=max(0, int(args.auto_align)),
-                   gain=args.gain, timeout_s=args.timeout, corrector=args.corrector)
+                   gain=args.gain, timeout_s=args.timeout, corrector=args.corrector or settings.loop.corrector)

@@ -58,12 +58,13 @@ def install_excepthook(window: Any) -> Any:
 
 
 def run_app(settings: Any, screenshot: str | None = None, auto_align: int = 0,
-            gain: float | None = None, timeout_s: float = 300.0, corrector: str = "model") -> int:
+            gain: float | None = None, timeout_s: float = 300.0, corrector: str | None = None) -> int:
     """Open the window and run the Qt event loop; returns the exit code.
 
     With ``screenshot``: run ``auto_align`` iterations (after an initial acquisition), save a PNG
     of the window to ``screenshot`` and quit (1 when anything failed or ``timeout_s`` passed).
-    ``corrector``: ``"model"`` (the CNN) or ``"modal"`` (the classical baseline) to start with."""
+    ``corrector``: ``"refined"``, ``"model"`` (the CNN) or ``"modal"`` (the classical baseline) to
+    start with (None: ``settings.loop.corrector``)."""
     ensure_qt_platform(headless=screenshot is not None)
     from PyQt5 import QtCore, QtWidgets
 

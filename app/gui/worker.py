@@ -99,11 +99,11 @@ class AlignWorker(QtCore.QObject):
         open_devices: Callable[[Any], Any] | None = None,
         load_predictor: Callable[[Any], Any] | None = None,
         make_loop: Callable[..., Any] | None = None,
-        corrector: str = "model",
+        corrector: str | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.initial_corrector = corrector
+        self.initial_corrector = corrector or str(getattr(settings.loop, "corrector", "model"))
         self._open_devices = open_devices or _default_open_devices
         self._load_predictor = load_predictor or _default_load_predictor
         self._make_loop = make_loop or _default_make_loop
