@@ -5,7 +5,7 @@ microscope's residual map), for the clean case and for extra content in Noll 16.
 Issue 12's target: with 0.25 rad in Noll 16..22 the 5..15 residual stays within 1.3x the clean
 case, and 16..22 are corrected to the same median.
 
-    python benchmarks/higher_order_split.py [--trials 6] [--seed 1000] [--settings S]
+    python benchmarks/higher_order_split.py [--trials 6] [--seed 1000] [--settings S] [--corrector model|refined]
 """
 from __future__ import annotations
 
@@ -42,15 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--settings", default=None)
+    p.add_argument("--corrector", choices=["model", "refined"], default=None,
+                   help="default: the settings' loop.corrector")
     a = p.parse_args(argv)
     base = load_settings(a.settings)
+    corrector = a.corrector or base.loop.corrector
+    print(f"corrector {corrector}, {a.trials} trials from seed {a.seed}, up to {a.iterations} iterations")
     medians = {}
     for label, errors in CASES.items():
         rows = []
         for seed in range(a.seed, a.seed + a.trials):
             s = trial_settings(base, errors, seed)
             with open_devices(s) as dev:
-                loop = AlignmentLoop(dev, s, make_estimator("model", s), truth_metrics=True)
+                loop = AlignmentLoop(dev, s, make_estimator(corrector, s), truth_metrics=True)
                 loop.zero_slm()
                 loop.run(a.iterations)
                 rows.append(split(dev.microscope))

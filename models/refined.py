@@ -259,8 +259,10 @@ class RefinedEstimator(Estimator):
         residual = Estimate.residual_of(present)
         # "at the bead's floor" only for a plausible null of a corrected donut (see null_at_floor)
         plausible = math.isfinite(measured) and measured >= LOWEST_PLAUSIBLE * floor and residual <= FLOOR_RESIDUAL_RAD
+        # a misregistration the SLM can still shift away (loop.max_mask_offset) is corrected, not a fault
         found = dg.diagnose(r, self.settings, measured_null=measured if plausible else None,
-                            wanted_null=self.wanted_null, floor=floor)
+                            wanted_null=self.wanted_null, floor=floor,
+                            max_mask_shift=float(self.settings.loop.max_mask_offset))
 
         # ---- validity: the fit explains the data, and the network agrees with it
         problems = fit_problems(r, self.structure_p)

@@ -27,6 +27,7 @@ if [ "$1" = "refined" ]; then  # the default corrector's rows (README "The close
     # shellcheck disable=SC2086
     $A align --backend sim --trials 6 --seed 1000 --corrector refined $flags
   done > out/figures/loop_tables_refined.txt 2>/dev/null
+  $PY benchmarks/higher_order_split.py --trials 6 --corrector refined > out/figures/higher_order_split_refined.txt 2>/dev/null
   exit 0
 fi
 if [ "$1" = "loop" ]; then
@@ -35,7 +36,7 @@ if [ "$1" = "loop" ]; then
     # shellcheck disable=SC2086
     $A align --backend sim --trials 6 --seed 1000 --corrector model $flags
   done > out/figures/loop_tables_model.txt 2>/dev/null
-  $PY benchmarks/higher_order_split.py --trials 6 > out/figures/higher_order_split.txt 2>/dev/null
+  $PY benchmarks/higher_order_split.py --trials 6 --corrector model > out/figures/higher_order_split.txt 2>/dev/null
   exit 0
 fi
 for flags in "${ROWS[@]}"; do

@@ -165,6 +165,18 @@ def test_far_off_the_network_estimate_is_applied_unfitted(small):
     assert "does not explain the data" in fitted.reason and "disagree" in fitted.reason
 
 
+def test_a_misregistration_the_slm_can_shift_away_is_not_a_fault(small):
+    """A vortex 0.13 pupil radii off the pupil: within loop.max_mask_offset (0.2) the SLM shifts
+    the pattern (no named fault, the fit's offset is applied); beyond it (0.1) the fault is named
+    with the pupil centre to set."""
+    s = small.replace(**{"refine.pupil_samples": 32})
+    e, _, _ = estimate(s.replace(**{"loop.max_mask_offset": 0.2}), mask_offset=(0.13, 0.02))
+    assert e.valid and math.hypot(*e.mask_offset) == pytest.approx(math.hypot(0.13, 0.02), abs=0.02)
+    assert "mask_offset" not in [d["name"] for d in e.extras["diagnoses"]]
+    tight, _, _ = estimate(s.replace(**{"loop.max_mask_offset": 0.1}), mask_offset=(0.13, 0.02))
+    assert "mask_offset" in [d["name"] for d in tight.extras["diagnoses"]]
+
+
 def test_without_the_raw_stack_the_estimate_is_refused(small):
     sections = np.ones((3, 32, 32))
     est = RefinedEstimator(small, network=CNNEstimator(small, SimpleNamespace(
