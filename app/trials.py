@@ -45,7 +45,9 @@ class HiddenErrors:
     ``bead_offset_z``: axial (um, sign random). ``drift``: bead random walk (um RMS per axis per
     stack). ``photons``: peak photons of the unaberrated donut (``camera.peak_photons``).
     ``wrong_hand``: fraction of the intensity in the wrong circular hand. ``slm_stroke``: the SLM
-    delivers this x the commanded phase. ``camera_orientation``: camera vs SLM frame."""
+    delivers this x the commanded phase. ``camera_orientation``: camera vs SLM frame.
+    ``true_instrument``: "NA,WAVELENGTH,PIXEL" scales of the true instrument against the settings
+    the loop uses (sim-to-real mismatch; ``simulation.true_*_scale``)."""
 
     aberration_rms: str | None = None
     mask_offset: float = 0.0
@@ -58,6 +60,7 @@ class HiddenErrors:
     wrong_hand: float = 0.0
     slm_stroke: float = 1.0
     camera_orientation: str = "identity"
+    true_instrument: str | None = None
 
     def describe(self) -> str:
         default = HiddenErrors()
@@ -87,6 +90,19 @@ def add_trial_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--camera-orientation", default="identity",
                    choices=["identity", "mirror_x", "mirror_y", "rotate_180", "rot180", "transpose"],
                    help="camera image orientation relative to the SLM frame")
+    g.add_argument("--true-instrument", default=None, metavar="NA,WL,PIX", type=_scales,
+                   help="the true instrument differs from the settings the loop uses: NA, wavelength and camera "
+                   "pixel size scaled by these factors, e.g. 1.02,1.01,1.05")
+
+
+def _scales(text: str) -> str:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(0.5 < v < 1.5 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three factors NA,WL,PIX in (0.5, 1.5), got {text!r}")
+    return str(text)
 
 
 def errors_from_args(args: argparse.Namespace) -> HiddenErrors:
@@ -98,7 +114,8 @@ def errors_from_args(args: argparse.Namespace) -> HiddenErrors:
         bead_offset=float(getattr(args, "bead_offset", 0.0)), bead_offset_z=float(getattr(args, "bead_offset_z", 0.0)),
         drift=float(getattr(args, "drift", 0.0)), photons=getattr(args, "photons", None),
         wrong_hand=float(getattr(args, "wrong_hand", 0.0)), slm_stroke=float(getattr(args, "slm_stroke", 1.0)),
-        camera_orientation="rotate_180" if orientation == "rot180" else orientation)
+        camera_orientation="rotate_180" if orientation == "rot180" else orientation,
+        true_instrument=getattr(args, "true_instrument", None))
 
 
 def trial_settings(base: Any, errors: HiddenErrors, seed: int) -> Any:
@@ -134,6 +151,10 @@ def trial_settings(base: Any, errors: HiddenErrors, seed: int) -> Any:
         over["simulation.slm_phase_scale"] = errors.slm_stroke
     if errors.camera_orientation != "identity":
         over["simulation.camera_orientation"] = errors.camera_orientation
+    if errors.true_instrument:
+        na, wl, pix = (float(v) for v in errors.true_instrument.split(","))
+        over.update({"simulation.true_na_scale": na, "simulation.true_wavelength_scale": wl,
+                     "simulation.true_pixel_scale": pix})
     return base.replace(**over)
 
 

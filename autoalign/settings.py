@@ -294,6 +294,11 @@ class SimulationSettings:
     wrong_hand_phase_rad: float = _f(0.0)
     slm_phase_scale: float = _f(1.0, gt=0.0, le=4.0)
     camera_orientation: Literal["identity", "mirror_x", "mirror_y", "rotate_180", "transpose"] = _f("identity")
+    # the true instrument against the settings (what the loop believes): these x the settings' values
+    true_na_scale: float = _f(1.0, gt=0.5, lt=1.5)
+    true_wavelength_scale: float = _f(1.0, gt=0.5, lt=1.5)
+    true_pixel_scale: float = _f(1.0, gt=0.5, lt=1.5)
+    true_bead_diameter_um: float | None = _f(None)  # None: camera.bead_diameter_um
 
 
 @dataclass(frozen=True)

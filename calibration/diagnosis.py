@@ -336,8 +336,11 @@ def diagnose(
         out.append(Diagnosis(
             "unmodelled_aberration",
             f"the fit leaves structure (p = {result.structure_p:.1e} at {result.structure_block_px} px, "
-            f"chi^2/dof = {result.chi2_per_dof:.2f}): aberration beyond the model's modes or a fault the model lacks",
-            "fit more modes (up to Noll 28), check the beam path (clipping, a dirty or tilted optic) and the bead",
+            f"chi^2/dof = {result.chi2_per_dof:.2f}): aberration beyond the model's modes, a fault the model lacks, "
+            "or optics settings that do not match the instrument",
+            "check optics.numerical_aperture, optics.wavelength_um and camera.pixel_size_um against the instrument "
+            "(1 % in NA or 2 % in pixel size already fail the fit), fit more modes (up to Noll 28), check the "
+            "beam path (clipping, a dirty or tilted optic) and the bead",
             value=result.structure_p, null_contribution=0.0))
     if measured_null is not None and math.isfinite(measured_null):
         fl = null_floor(settings, result.bead_diameter_um) if floor is None else floor

@@ -27,7 +27,7 @@ from autoalign.hardware.acquisition import acquire_stack
 from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
 from autoalign.settings import Settings
 from autoalign.simulation import phase as ph
-from autoalign.simulation.microscope import SimulatedMicroscope
+from autoalign.simulation.microscope import SimulatedMicroscope, nominal_instrument
 
 log = logging.getLogger("autoalign.calibration.donut")
 
@@ -67,9 +67,9 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
     without aberration, the configured bead and camera, the vortex on a simulated SLM, a stack
     acquired and analysed exactly like a measurement. Returns ``{"sections": (3, n, n)
     background removed, xy peak 1, "null_depth": the measured null-depth floor of the bead}``."""
-    s = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
-    # a PERFECT instrument: none of the simulated microscope's hidden faults (they would raise the
-    # floor and let a faulty donut pass as aligned)
+    s = nominal_instrument(settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"}))
+    # a PERFECT instrument as the settings describe it: none of the simulated microscope's hidden
+    # faults or mismatches (they would raise the floor and let a faulty donut pass as aligned)
     mic = SimulatedMicroscope(s, aberration={}, mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),
                               drift_um_per_step=0.0, noise=False, wrong_hand_fraction=0.0,
                               wrong_hand_phase_rad=0.0, slm_phase_scale=1.0, camera_orientation="identity",

@@ -171,9 +171,10 @@ class SimulatedProbeHost:
         from autoalign.calibration import donut  # the SLM phase and the ideal reference
         from autoalign.hardware.acquisition import acquire_stack
         from autoalign.hardware.simulated import SimulatedCamera, SimulatedFocusStage, SimulatedSLM
-        from autoalign.simulation.microscope import SimulatedMicroscope
+        from autoalign.simulation.microscope import SimulatedMicroscope, nominal_instrument
 
-        self.settings = settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"})
+        self.settings = nominal_instrument(settings.replace(**{"hardware.backend": "simulated",
+                                                              "slm.backend": "simulated"}))
         self._donut, self._acquire = donut, acquire_stack
         self.microscope = SimulatedMicroscope(self.settings, seed=seed, aberration=dict(aberration or {}),
                                               mask_offset=(0.0, 0.0), bead_um=(0.0, 0.0, 0.0),

@@ -306,7 +306,8 @@ class RefinedEstimator(Estimator):
             # fit's findings stay in the extras and say what limits the result
             unmodelled = next((d for d in found if d.name == "unmodelled_aberration"), None)
             note = (f"the model-based fit did not explain the data ({reason}): aberration beyond the fitted "
-                    "modes or a fault the model lacks; the network's estimate was applied"
+                    "modes, a fault the model lacks or settings that do not match the instrument; the "
+                    "network's estimate was applied"
                     + (f"; {unmodelled.action}" if unmodelled is not None else ""))
             log.info(note)
             return Estimate(dict(net.coefficients), net.mask_offset, None, True, "", self.name,

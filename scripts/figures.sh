@@ -19,7 +19,8 @@ ROWS=("--aberration-rms 0.7:1.0" "--mask-offset 0.06 --aberration-rms 0.5" "--ma
       "--higher-order-rms 0.25 --aberration-rms 0.6" "--bead-offset 1.2"
       "--bead-offset 0.8 --bead-offset-z 1.2" "--photons 200 --drift 0.05"
       "--wrong-hand 0.005 --aberration-rms 0.7:1.0" "--wrong-hand 0.02 --aberration-rms 0.7:1.0"
-      "--slm-stroke 0.8 --aberration-rms 0.8" "--camera-orientation rot180 --aberration-rms 0.6")
+      "--slm-stroke 0.8 --aberration-rms 0.8" "--camera-orientation rot180 --aberration-rms 0.6"
+      "--true-instrument 1.02,1.01,1.05 --aberration-rms 0.7:1.0" "--true-instrument 0.98,0.99,0.95 --aberration-rms 0.7:1.0")
 if [ "$1" = "refined" ]; then  # the default corrector's rows (README "The closed loop"): ~45 min
   for flags in "${ROWS[@]}"; do
     case "$flags" in --slm-stroke*) flags="--settings scripts/fit_slm_scale_settings.yaml $flags";; esac
@@ -28,6 +29,11 @@ if [ "$1" = "refined" ]; then  # the default corrector's rows (README "The close
     $A align --backend sim --trials 6 --seed 1000 --corrector refined $flags
   done > out/figures/loop_tables_refined.txt 2>/dev/null
   $PY benchmarks/higher_order_split.py --trials 6 --corrector refined > out/figures/higher_order_split_refined.txt 2>/dev/null
+  for flags in "--true-instrument 1.0,1.0,1.02" "--true-instrument 1.01,1.0,1.0"; do  # one factor at a time
+    echo "=== refined $flags"
+    # shellcheck disable=SC2086
+    $A align --backend sim --trials 6 --seed 1000 --corrector refined $flags --aberration-rms 0.7:1.0
+  done > out/figures/true_instrument_single.txt 2>/dev/null
   exit 0
 fi
 if [ "$1" = "loop" ]; then

@@ -67,6 +67,37 @@ def simulator_for(settings: "Settings", n_modes: int = 22, dtype: torch.dtype = 
 CAMERA_ORIENTATIONS = ("identity", "mirror_x", "mirror_y", "rotate_180", "transpose")
 
 
+def true_instrument(settings: "Settings") -> "Settings":
+    """The settings of the instrument the simulated microscope really is: ``settings`` with the
+    NA, wavelength and camera pixel size scaled by ``simulation.true_na_scale``,
+    ``true_wavelength_scale``, ``true_pixel_scale`` and the bead of ``true_bead_diameter_um``.
+    The loop and its models keep the settings they were given (what the user believes), so this
+    is a sim-to-real mismatch; the truth metrics use the true instrument."""
+    sim = settings.simulation
+    over: dict[str, Any] = {}
+    if sim.true_na_scale != 1.0:
+        over["optics.numerical_aperture"] = settings.optics.numerical_aperture * sim.true_na_scale
+        over["optics.back_aperture_radius_mm"] = settings.optics.back_aperture_radius_mm * sim.true_na_scale
+    if sim.true_wavelength_scale != 1.0:
+        over["optics.wavelength_um"] = settings.optics.wavelength_um * sim.true_wavelength_scale
+    if sim.true_pixel_scale != 1.0:
+        over["camera.pixel_size_um"] = settings.camera.pixel_size_um * sim.true_pixel_scale
+    if sim.true_bead_diameter_um is not None:
+        over["camera.bead_diameter_um"] = float(sim.true_bead_diameter_um)
+    return settings.replace(**over) if over else settings
+
+
+#: the ``simulation`` keys of a true instrument that is exactly the settings
+NOMINAL_INSTRUMENT = {"simulation.true_na_scale": 1.0, "simulation.true_wavelength_scale": 1.0,
+                      "simulation.true_pixel_scale": 1.0, "simulation.true_bead_diameter_um": None}
+
+
+def nominal_instrument(settings: "Settings") -> "Settings":
+    """``settings`` whose simulated instrument is what they say (no :func:`true_instrument`
+    mismatch): for the models the loop builds from its settings (the ideal reference, probes)."""
+    return settings.replace(**NOMINAL_INSTRUMENT)
+
+
 def orient_image(image: np.ndarray, orientation: str) -> np.ndarray:
     """The camera's view of ``image`` (last two axes y, x) for a camera mounted with
     ``orientation`` relative to the SLM/pupil frame: ``mirror_x`` (x -> -x), ``mirror_y``
@@ -144,7 +175,7 @@ class SimulatedMicroscope:
         camera_orientation: str | None = None,
         higher_order_rms_rad: float | None = None,
     ) -> None:
-        s = load_settings(settings)
+        s = true_instrument(load_settings(settings))
         self.settings = s
         sim_s = s.simulation
         self.seed = int(sim_s.seed if seed is None else seed)

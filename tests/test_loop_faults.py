@@ -221,6 +221,14 @@ def test_trial_flags_set_the_hidden_errors():
     only = trial_settings(small_settings(), HiddenErrors(higher_order_rms=0.25, higher_order_max_noll=22), seed=3)
     ab = SimulatedMicroscope(only, noise=False).aberration
     assert np.sqrt(np.sum(ab[15:22] ** 2)) == pytest.approx(0.25) and not np.any(ab[22:])
+    # --true-instrument: the microscope is another instrument than the settings the loop keeps
+    base = small_settings()
+    mism = trial_settings(base, HiddenErrors(true_instrument="1.02,1.01,1.05"), seed=3)
+    mic = SimulatedMicroscope(mism, noise=False)
+    assert mic.settings.optics.numerical_aperture == pytest.approx(1.02 * base.optics.numerical_aperture)
+    assert mic.settings.optics.wavelength_um == pytest.approx(1.01 * base.optics.wavelength_um)
+    assert mic.pixel_size_um == pytest.approx(1.05 * base.camera.pixel_size_um)
+    assert (mism.optics, mism.camera) == (base.optics, base.camera)  # what the loop is told
 
 
 def test_trial_table_counts_false_successes():

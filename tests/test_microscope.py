@@ -156,3 +156,35 @@ def test_reproducible_for_a_seed(settings):
     assert not np.array_equal(a[0], c[0])
     # noise is real: shot noise of a bright donut differs between seeds
     assert not np.array_equal(a[2], c[2])
+
+
+def ring_radius_px(img):
+    """Radius (pixels) of the donut's brightest ring: azimuthal mean in 1-px annuli around the
+    image centre, parabola through the maximum."""
+    n = img.shape[0]
+    y, x = np.indices(img.shape) - n // 2
+    k = np.rint(np.hypot(x, y)).astype(int)
+    prof = np.bincount(k.ravel(), img.ravel()) / np.bincount(k.ravel())
+    i = int(np.argmax(prof[: n // 2]))
+    a, b, c = prof[i - 1:i + 2]
+    return i + 0.5 * (a - c) / (a - 2 * b + c)
+
+
+@pytest.mark.parametrize("key, scale, expected", [
+    ("simulation.true_na_scale", 0.92, 1 / 0.92),        # ring radius ~ wavelength / NA
+    ("simulation.true_wavelength_scale", 1.1, 1.1),
+    ("simulation.true_pixel_scale", 1.1, 1 / 1.1),        # the same ring, larger pixels
+])
+def test_the_true_instrument_differs_from_the_settings_as_physics_says(settings, key, scale, expected):
+    from autoalign.calibration import donut
+    from autoalign.correction import Correction
+
+    nominal = SimulatedMicroscope(settings, noise=False, aberration={})
+    true = SimulatedMicroscope(settings.replace(**{key: scale}), noise=False, aberration={})
+    radii = []
+    for mic in (nominal, true):
+        with SimulatedSLM(mic) as slm:
+            donut.show_correction(slm, settings, Correction())  # the vortex, as the loop shows it
+            radii.append(ring_radius_px(mic.intensity([mic.bead_um[2]])[0]))
+    assert radii[1] / radii[0] == pytest.approx(expected, rel=0.03)
+    assert true.settings.simulation == settings.replace(**{key: scale}).simulation  # what the loop is told stays

@@ -177,6 +177,19 @@ def test_a_misregistration_the_slm_can_shift_away_is_not_a_fault(small):
     assert "mask_offset" in [d["name"] for d in tight.extras["diagnoses"]]
 
 
+def test_settings_that_do_not_match_the_instrument_fail_the_fit_and_say_so(small):
+    """The true instrument has 2 % more NA, 1 % longer wavelength and 5 % larger pixels than the
+    settings say: the fit (built from the settings) does not explain the data, the network's
+    estimate is applied and the note names the optics settings to check."""
+    mismatch = {"simulation.true_na_scale": 1.02, "simulation.true_wavelength_scale": 1.01,
+                "simulation.true_pixel_scale": 1.05}
+    e, _, _ = estimate(small.replace(**mismatch))
+    assert e.valid and "fit_refused" in e.extras and e.coefficients == e.extras["network"]
+    assert "optics.numerical_aperture" in e.extras["fit_refused"] and "camera.pixel_size_um" in e.extras["fit_refused"]
+    matched, _, _ = estimate(small)
+    assert "fit_refused" not in matched.extras  # the same stack from a matching instrument is explained
+
+
 def test_without_the_raw_stack_the_estimate_is_refused(small):
     sections = np.ones((3, 32, 32))
     est = RefinedEstimator(small, network=CNNEstimator(small, SimpleNamespace(
