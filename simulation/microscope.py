@@ -67,12 +67,18 @@ def simulator_for(settings: "Settings", n_modes: int = 22, dtype: torch.dtype = 
 CAMERA_ORIENTATIONS = ("identity", "mirror_x", "mirror_y", "rotate_180", "transpose")
 
 
+#: the ``simulation`` keys of a true instrument that is exactly the settings
+NOMINAL_INSTRUMENT = {"simulation.true_na_scale": 1.0, "simulation.true_wavelength_scale": 1.0,
+                      "simulation.true_pixel_scale": 1.0, "simulation.true_bead_diameter_um": None}
+
+
 def true_instrument(settings: "Settings") -> "Settings":
     """The settings of the instrument the simulated microscope really is: ``settings`` with the
     NA, wavelength and camera pixel size scaled by ``simulation.true_na_scale``,
     ``true_wavelength_scale``, ``true_pixel_scale`` and the bead of ``true_bead_diameter_um``.
     The loop and its models keep the settings they were given (what the user believes), so this
-    is a sim-to-real mismatch; the truth metrics use the true instrument."""
+    is a sim-to-real mismatch; the truth metrics use the true instrument. The result's own
+    ``true_*`` keys are nominal (applying it twice changes nothing)."""
     sim = settings.simulation
     over: dict[str, Any] = {}
     if sim.true_na_scale != 1.0:
@@ -84,12 +90,7 @@ def true_instrument(settings: "Settings") -> "Settings":
         over["camera.pixel_size_um"] = settings.camera.pixel_size_um * sim.true_pixel_scale
     if sim.true_bead_diameter_um is not None:
         over["camera.bead_diameter_um"] = float(sim.true_bead_diameter_um)
-    return settings.replace(**over) if over else settings
-
-
-#: the ``simulation`` keys of a true instrument that is exactly the settings
-NOMINAL_INSTRUMENT = {"simulation.true_na_scale": 1.0, "simulation.true_wavelength_scale": 1.0,
-                      "simulation.true_pixel_scale": 1.0, "simulation.true_bead_diameter_um": None}
+    return settings.replace(**over, **NOMINAL_INSTRUMENT) if over else settings
 
 
 def nominal_instrument(settings: "Settings") -> "Settings":
