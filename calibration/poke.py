@@ -21,6 +21,7 @@ file, or in the user data folder when the settings are the packaged defaults.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,9 @@ class PokeCalibration:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     settings: dict[str, Any] = field(default_factory=dict)
     residual_um: float = 0.0                           # fit residual (repeatability)
+    # lateral bead shift on the camera (through camera.pixel_size_um) per um of stage move (x, y):
+    # 1 when the pixel size is right (the stage poke measures it; None without a stage poke)
+    stage_scale: tuple[float, float] | None = None
 
     @classmethod
     def from_optics(cls, settings: Any) -> "PokeCalibration":
@@ -94,6 +98,22 @@ class PokeCalibration:
         """Diagonal of this map over the optics formula's (1 = the optics are right)."""
         return np.diag(self.matrix_um_per_rad) / np.diag(PokeCalibration.from_optics(settings).matrix_um_per_rad)
 
+    def pixel_size_check(self, settings: Any, tolerance: float = 0.01) -> str | None:
+        """What the stage poke says about ``camera.pixel_size_um``: None when it agrees within
+        ``tolerance`` (or no stage poke was made), else a sentence with the pixel size it implies.
+        A stage move of ``d`` um shows as ``d * nominal / true`` um through the settings' pixel size,
+        so the true pixel size is the settings' over :attr:`stage_scale`. It is only as good as the
+        stage's own scale (a closed-loop stage: ~0.1 %)."""
+        if self.stage_scale is None:
+            return None
+        ratio = float(np.mean(self.stage_scale))
+        if not np.isfinite(ratio) or abs(ratio - 1.0) <= tolerance:
+            return None
+        now = float(settings.camera.pixel_size_um)
+        return (f"camera pixel size: a stage move shows as {ratio:.3f} x itself on the camera (x {self.stage_scale[0]:.3f}, "
+                f"y {self.stage_scale[1]:.3f}): camera.pixel_size_um is probably {now / ratio:.4f} um (now {now:g}); "
+                "the model-based fit and the networks assume the settings' value")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": POKE_KIND,
@@ -104,6 +124,7 @@ class PokeCalibration:
             "amplitude_rad": float(self.amplitude_rad),
             "residual_um": float(self.residual_um),
             "stage_sign": None if self.stage_sign is None else [float(v) for v in self.stage_sign],
+            "stage_scale": None if self.stage_scale is None else [float(v) for v in self.stage_scale],
             "settings": self.settings,
         }
 
@@ -144,7 +165,13 @@ class PokeCalibration:
             raise PokeCalibrationError(f"{path}: matrix_um_per_rad must be a finite, invertible 3 x 3 matrix")
         if stage_sign is not None and (len(stage_sign) != 3 or any(v not in (-1.0, 1.0) for v in stage_sign)):
             raise PokeCalibrationError(f"{path}: stage_sign = {sign!r}: expected three values, each +1 or -1")
-        cal = cls(m, amplitude, stage_sign, str(data.get("created", "")), data.get("settings") or {}, residual)
+        scale = data.get("stage_scale")
+        try:
+            stage_scale = None if scale is None else (float(scale[0]), float(scale[1]))
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise PokeCalibrationError(f"{path}: stage_scale = {scale!r}: expected two numbers (x, y)") from exc
+        cal = cls(m, amplitude, stage_sign, str(data.get("created", "")), data.get("settings") or {}, residual,
+                  stage_scale)
         if settings is not None:
             diffs = cal.differences(settings)
             if diffs:
@@ -220,11 +247,14 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
             log.warning("poke calibration: could not restore the correction on the SLM")
     centre = np.mean(spread, axis=0)
     residual = float(np.sqrt(np.mean((np.asarray(spread) - centre) ** 2)))
-    stage_sign = None
+    stage_sign = stage_scale = None
     if stage_step_um:
-        stage_sign = _poke_stage(loop, stage_step_um)
+        stage_sign, stage_scale = _poke_stage(loop, stage_step_um)
     cal = PokeCalibration(matrix, amplitude_rad, stage_sign, settings=_locked_settings(loop.settings),
-                          residual_um=residual)
+                          residual_um=residual, stage_scale=stage_scale)
+    check = cal.pixel_size_check(loop.settings)
+    if check:
+        loop.log("poke calibration: %s", check, level=logging.WARNING)
     scale = cal.scale_vs_optics(loop.settings)
     loop.log("poke calibration: scale vs optics (x, y, z) = %.3f, %.3f, %.3f; off-diagonal max %.3g um/rad",
               *scale, float(np.max(np.abs(matrix - np.diag(np.diag(matrix))))))
@@ -233,17 +263,20 @@ def run_poke_calibration(loop: Any, amplitude_rad: float = 1.0, stage_step_um: f
     return cal
 
 
-def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
-    """Sign (per axis) of the stage move that cancels an apparent bead offset. ``step`` (um) must be
-    > 0; an axis whose poke moves the bead by less than a quarter of ``step`` raises RuntimeError
-    (the stage did not move, or the bead was lost), so no sign is guessed."""
+def _poke_stage(loop: Any, step: float) -> tuple[tuple[float, float, float], tuple[float, float]]:
+    """Sign (per axis) of the stage move that cancels an apparent bead offset, and the lateral
+    scale (x, y): the bead's measured shift between stage moves of -step and +step over 2 step
+    (1 = the pixel size is right; NaN when the -step stack was invalid).
+    ``step`` (um) must be > 0; an axis whose poke moves the bead by less than a quarter of
+    ``step`` raises RuntimeError (the stage did not move, or the bead was lost), so no sign is
+    guessed."""
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"stage_step_um = {step!r}: expected a number > 0")
     xy, focus = loop.devices.xy, loop.devices.focus
     x0, y0 = xy.position_um
     z0 = focus.position_um
     m0 = loop.acquire()
-    signs = []
+    signs, scales = [], []
     try:
         for axis in range(3):
             if axis < 2:
@@ -262,10 +295,15 @@ def _poke_stage(loop: Any, step: float) -> tuple[float, float, float]:
                                    f"{moved:.3g} um; stage signs not learned (check the stage and the step)")
             # a stage move of +step shifts the image by `moved`; cancelling an offset d needs -d/moved*step
             signs.append(-1.0 if moved > 0 else 1.0)
+            if axis < 2:  # the lateral scale from a central difference (+-step: the centroid's bias cancels)
+                xy.move_to(x0 - (step if axis == 0 else 0.0), y0 - (step if axis == 1 else 0.0))
+                back = loop.acquire()
+                xy.move_to(x0, y0)
+                scales.append(abs(m.offset_um[axis] - back.offset_um[axis]) / (2 * step) if back.valid else math.nan)
     finally:
         xy.move_to(x0, y0)
         focus.move_to(z0)
-    return tuple(signs)  # type: ignore[return-value]
+    return tuple(signs), (scales[0], scales[1])  # type: ignore[return-value]
 
 
 __all__ = ["PokeCalibration", "PokeCalibrationError", "run_poke_calibration", "default_calibration_path",

@@ -82,7 +82,9 @@ class SimulatedCamera(FaultInjection, Camera):
 
     @property
     def pixel_size_um(self) -> float:
-        return self.microscope.pixel_size_um
+        """The configured pixel size (the settings'; with ``simulation.true_pixel_scale`` the
+        camera's true pixels differ, as a miscalibrated Micro-Manager pixel size would)."""
+        return float(getattr(self.microscope, "reported_pixel_size_um", self.microscope.pixel_size_um))
 
     @property
     def shape(self) -> tuple[int, int]:

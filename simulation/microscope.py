@@ -176,8 +176,12 @@ class SimulatedMicroscope:
         camera_orientation: str | None = None,
         higher_order_rms_rad: float | None = None,
     ) -> None:
-        s = true_instrument(load_settings(settings))
+        given = load_settings(settings)
+        s = true_instrument(given)
         self.settings = s
+        # what the camera's configuration says (Micro-Manager's pixel size calibration): the
+        # settings' value, not the true instrument's
+        self.reported_pixel_size_um = float(given.camera.pixel_size_um)
         sim_s = s.simulation
         self.seed = int(sim_s.seed if seed is None else seed)
         seq = np.random.SeedSequence(self.seed)

@@ -92,18 +92,34 @@ def test_poke_calibration_recovers_known_scale(tmp_path):
     assert scale[1] == pytest.approx(0.8, abs=0.03)
     assert 0.6 < scale[2] < 0.9  # defocus: Z4 is not a pure shift at NA 1.4
     assert cal.stage_sign == (1.0, 1.0, 1.0)
+    assert cal.stage_scale == pytest.approx((1.0, 1.0), abs=0.01) and cal.pixel_size_check(s) is None
     assert loop.calibration is cal
     assert dev.slm.frames_shown >= 8 and np.allclose(dev.slm.phase_rad, first)  # restored
     path = tmp_path / "poke.yaml"
     cal.save(path)
     back = PokeCalibration.load(path, settings=s, strict=True)
-    assert np.allclose(back.matrix_um_per_rad, cal.matrix_um_per_rad)
+    assert np.allclose(back.matrix_um_per_rad, cal.matrix_um_per_rad) and back.stage_scale == cal.stage_scale
     assert "created" in path.read_text()
     with pytest.raises(ValueError, match="other settings"):
         PokeCalibration.load(path, settings=s.replace(**{"camera.pixel_size_um": 0.06}), strict=True)
     # with the calibration the loop cancels a tip offset with the true (scaled) phase
     corr = cal.correction_for_shift((0.1, 0.0, 0.0))
     assert corr[2] == pytest.approx(-0.1 * opt.tip_tilt_per_um(1.4, 0.775) / 0.8, rel=0.04)
+
+
+def test_the_stage_poke_measures_a_wrong_camera_pixel_size():
+    """The camera's true pixel is 5 % larger than camera.pixel_size_um says: a stage move shows
+    as 1/1.05 of itself through the settings' pixel size, and the check names the pixel size."""
+    s = small_settings().replace(**{"simulation.true_pixel_scale": 1.05})
+    dev = sim_devices(s, {}, noise=False)
+    loop = AlignmentLoop(dev, s, make_estimator("model", s))
+    loop.zero_slm()
+    cal = run_poke_calibration(loop, amplitude_rad=1.0, stage_step_um=0.2)
+    assert cal.stage_scale == pytest.approx((1 / 1.05, 1 / 1.05), abs=0.01)
+    check = cal.pixel_size_check(s)
+    assert check is not None and "camera.pixel_size_um is probably" in check
+    suggested = float(check.split("probably ")[1].split(" um")[0])
+    assert suggested == pytest.approx(1.05 * s.camera.pixel_size_um, rel=0.01)
 
 
 # camera-side flips, applied by the simulated microscope to every rendered stack (nz, ny, nx)

@@ -83,9 +83,14 @@ def run(args: argparse.Namespace) -> int:
             result["poke"] = cal.to_dict()
             result["poke"]["file"] = out
             result["poke"]["scale_vs_optics"] = cal.scale_vs_optics(s).tolist()
+            check = cal.pixel_size_check(s)
+            result["poke"]["pixel_size_check"] = check
             if not args.json:
                 print(f"poke calibration written to {out}; scale vs optics (x, y, z) = "
                       + ", ".join(f"{v:.3f}" for v in cal.scale_vs_optics(s)))
+                if cal.stage_scale is not None:
+                    print("stage move seen on the camera: x {:.3f}, y {:.3f} x the move".format(*cal.stage_scale)
+                          + (f"; {check}" if check else " (camera.pixel_size_um agrees within 1 %)"))
         if args.what in ("selfcheck", "both"):
             from autoalign.calibration.selfcheck import run_self_check
 
