@@ -297,8 +297,6 @@ def run_from_args(args: argparse.Namespace, report_dir: Path | None = None, cali
             if fine is not None and args.corrector == "model":
                 options = {"fine_predictor": fine}
             elif fine is not None:  # refined: its network is the coarse + fine pair, loaded once
-                from autoalign.models.estimator import CNNEstimator
-
                 options = {"network": CNNEstimator(s, predictor, fine_predictor=fine)}
             est = make_estimator(args.corrector, s, predictor, **options)
             try:

@@ -211,6 +211,11 @@ class RefinedEstimator(Estimator):
         return coeffs, (float(off[0]), float(off[1]))
 
     # ------------------------------------------------------------------ estimate
+    def _network_estimate(self, net: Estimate, extras: dict[str, Any]) -> Estimate:
+        """The network's estimate applied as it is (valid), with ``extras`` saying why."""
+        return Estimate(dict(net.coefficients), net.mask_offset, None, True, "", self.name,
+                        residual_rms=net.residual_rms, score=net.score, extras={**net.extras, **extras})
+
     def estimate(self, measurement: MeasurementLike) -> Estimate:
         net = self.network.estimate(measurement)
         network_rms = Estimate.residual_of(net.coefficients)
@@ -220,9 +225,7 @@ class RefinedEstimator(Estimator):
             why = (f"fit skipped: the network reads {network_rms:.2f} rad RMS, above refine.fit_below_rad "
                    f"{self.fit_below_rad:g} (the fit's capture range)")
             log.info(why)
-            return Estimate(dict(net.coefficients), net.mask_offset, None, True, "", self.name,
-                            residual_rms=net.residual_rms, score=net.score,
-                            extras={**net.extras, "network": dict(net.coefficients), "fit_skipped": why})
+            return self._network_estimate(net, {"network": dict(net.coefficients), "fit_skipped": why})
         stack = getattr(measurement, "stack", None)
         if stack is None or getattr(stack, "data", None) is None:
             return Estimate(dict(net.coefficients), net.mask_offset, None, False,
@@ -310,9 +313,7 @@ class RefinedEstimator(Estimator):
                     "network's estimate was applied"
                     + (f"; {unmodelled.action}" if unmodelled is not None else ""))
             log.info(note)
-            return Estimate(dict(net.coefficients), net.mask_offset, None, True, "", self.name,
-                            residual_rms=net.residual_rms, score=net.score,
-                            extras={**net.extras, **extras, "fit_refused": note})
+            return self._network_estimate(net, {**extras, "fit_refused": note})
         if reasons:
             log.info("refined estimate invalid: %s", reason)
         return Estimate(coefficients, None if offset is None else (float(offset[0]), float(offset[1])),
