@@ -87,8 +87,8 @@ class CNNEstimator(Estimator):
             if path:
                 modes = list(self.settings.model.fine_modes)
                 log.info("loading the fine model from %s (Noll %s)", path, modes)
-                self._fine = Predictor.load(path, settings=self.settings.replace(**{
-                    "model.modes": modes, "model.predict_offset": False}))
+                # the optics lock compares the modes; whether it reads the offset is the checkpoint's own
+                self._fine = Predictor.load(path, settings=self.settings.replace(**{"model.modes": modes}))
         return self._fine
 
     def prepare(self) -> None:
