@@ -112,7 +112,7 @@ class _ParagraphFormatter(argparse.HelpFormatter):
             if any(ln.lstrip().startswith(("* ", "- ")) for ln in lines) or any(ln.startswith("    ") for ln in lines):
                 out.append("\n".join(indent + ln for ln in lines))
             else:
-                out.append(textwrap.fill(" ".join(ln.strip() for ln in lines), width,
+                out.append(textwrap.fill(" ".join(ln.strip() for ln in lines), width, break_on_hyphens=False,
                                          initial_indent=indent, subsequent_indent=indent))
         return "\n\n".join(out)
 

@@ -22,8 +22,14 @@ File layout (one row per round along axis 0 of every dataset; Noll-indexed array
   never rewritten.
 
 Safety: a run appends only to a file of this kind and version (files of the first version, which
-carried only ``layout``, are recognised by it) whose stored settings equal the run's (the refusal
-names the keys that differ; ``simulation.seed`` may differ); an exclusive lock file
+carried only ``layout``, are recognised by it) recorded with the same settings where they change
+what the data mean (:data:`APPEND_MUST_MATCH`: the optics, camera, stack and SLM, the model, the
+labelled modes, the simulated instrument, the hardware backend; the refusal names the keys that
+differ). The others (:data:`APPEND_MAY_DIFFER` and every key not in :data:`APPEND_MUST_MATCH`: the
+loop's iterations, gain and refusal thresholds, the fit, the stage limits, the Micro-Manager
+connection, ``simulation.seed``) may differ; ``settings_yaml`` keeps the first run's. A run that
+appends draws new random states: with a seed, the random aberrations come from the seed and the
+rounds already in the file (never a repeat of the first run's). An exclusive lock file
 ``<file>.lock`` (host, pid) keeps a second writer out, and a lock left by a killed process is
 taken over. A new file is built under a temporary name and renamed into place. ``round`` is
 appended last in every round, so a round cut short by a kill is recognised (other datasets
@@ -55,8 +61,13 @@ BEADWALK_FORMAT = "autoalign-beadwalk"
 #: Version of the bead-walk file layout written and understood here.
 BEADWALK_FORMAT_VERSION = 1
 _LEGACY_LAYOUT = "autoalign bead-walk collection v1"
-#: Settings keys that may differ between runs appending to one file.
-APPEND_MAY_DIFFER = ("simulation.seed",)
+#: Settings that change what the recorded data mean: runs appending to one file must agree on them
+#: (a name ending in "." is a whole section).
+APPEND_MUST_MATCH = ("optics.", "camera.", "stack.", "slm.", "model.", "dataset.modes", "simulation.",
+                     "hardware.backend", "hardware.micromanager.config_file",
+                     "hardware.micromanager.camera_device")
+#: ... except these, which may differ (the random draws, which screen shows the SLM's image).
+APPEND_MAY_DIFFER = ("simulation.seed", "slm.backend", "slm.monitor")
 _ROW_DATASETS = ("stack", "sections", "prediction", "applied", "random_aberration", "correction_after",
                  "stage_xy_um", "centroid_um", "focus_um", "timestamp", "decision")
 METRICS = ("null_depth", "correlation_ideal", "predicted_residual_rms", "photons", "true_residual_rms",
@@ -91,9 +102,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_differences(stored_yaml: str, settings: Any, may_differ: tuple[str, ...] = APPEND_MAY_DIFFER) -> list[str]:
+def _named(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) for n in names)
+
+
+def settings_differences(stored_yaml: str, settings: Any, may_differ: tuple[str, ...] = APPEND_MAY_DIFFER,
+                         must_match: tuple[str, ...] | None = APPEND_MUST_MATCH) -> list[str]:
     """Dotted keys whose value differs between a stored settings YAML and ``settings``
-    (``key: stored -> now``), ignoring ``may_differ``."""
+    (``key: stored -> now``), among ``must_match`` (None: every key), ignoring ``may_differ``."""
     try:
         stored = yaml.safe_load(stored_yaml) or {}
     except yaml.YAMLError:
@@ -102,7 +118,7 @@ def settings_differences(stored_yaml: str, settings: Any, may_differ: tuple[str,
     then, now = _flatten(stored), _flatten(settings.to_dict())
     out = []
     for key in sorted(set(then) | set(now)):
-        if key in may_differ:
+        if _named(key, may_differ) or (must_match is not None and not _named(key, must_match)):
             continue
         a, b = then.get(key, "<absent>"), now.get(key, "<absent>")
         if a != b:
@@ -175,7 +191,8 @@ def check_collection_file(path: str | Path, settings: Any, stack_shape: tuple[in
             if diffs:
                 shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
                 raise CollectionFileError(f"{p}: recorded with other settings ({len(diffs)} key(s) differ: {shown}); "
-                                          "append with the same settings or choose a new --out file")
+                                          "these change what the recorded data mean; append with the same "
+                                          "values or choose a new --out file")
             return int(f["round"].shape[0])
     except CollectionFileError:
         raise
@@ -290,10 +307,12 @@ class BeadWalk:
         self.rounds = rounds
         self.random_rms = float(random_aberration_rms)
         self.callbacks = callbacks if callbacks is not None else loop.callbacks
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)   # re-seeded in run() past the file's rounds
         self.apply_model = apply_model
         self.stop_reason = ""
         self.written = 0
+        self.start_rounds = 0          # rounds the file held before this run
         self.interrupted = False
         #: show a tqdm progress bar (ETA with ``rounds``; a running counter until the bead walks off)
         self.progress = False
@@ -321,11 +340,15 @@ class BeadWalk:
         n = s.camera.roi_px
         writer = CollectionFile(self.out_path, s, (s.stack.planes, n, n))
         start = writer.rounds()
+        if self.seed is not None and start:   # a continuation: new random states, not the first run's again
+            self.rng = np.random.default_rng([int(self.seed), start])
         loop.clear_stop()
         total = self.rounds or 0
         modes = list(s.dataset.modes)
         i = 0
-        loop.log("bead walk: writing to %s (starting at round %d)", self.out_path, start)
+        self.start_rounds = start
+        loop.log("bead walk: writing to %s (%s)", self.out_path,
+                 f"it holds {start} round(s); appending" if start else "a new file")
         self._have_model = False
         if self.apply_model is not None and not loop.estimator.probes:  # one-stack estimators only
             try:
@@ -338,7 +361,7 @@ class BeadWalk:
         try:
             while self.rounds is None or i < self.rounds:
                 loop.check_stop()
-                done = self._round(writer, start + i, modes)
+                done = self._round(writer, start + i, modes, i + 1)
                 if done:
                     break
                 i += 1
@@ -356,10 +379,13 @@ class BeadWalk:
             loop.last_error = exc
         finally:
             bar.close()
-        loop.log("bead walk finished after %d round(s): %s", self.written, self.stop_reason)
+        loop.log("bead walk finished: %d round(s) written, %d in the file: %s", self.written,
+                 self.start_rounds + self.written, self.stop_reason)
         return self.written
 
-    def _round(self, writer: CollectionFile, index: int, modes: list[int]) -> bool:
+    def _round(self, writer: CollectionFile, index: int, modes: list[int], number: int = 0) -> bool:
+        """One round, stored as row ``index`` of the file; ``number`` counts this run's rounds from 1
+        (the log and the progress bar)."""
         loop = self.loop
         rand = random_aberration(modes, self.random_rms, self.rng)
         loop.apply(Correction(dict(rand)))               # zero the SLM (+ the labelled aberration)
@@ -401,9 +427,11 @@ class BeadWalk:
             "timestamp": time.time(), "round": index, "decision": decision, "metrics": metrics,
         })
         self.written += 1
-        loop.log("bead walk round %d: %s", index, decision)
+        of = f"/{self.rounds}" if self.rounds else ""
+        loop.log("bead walk round %d%s: %s (row %d of the file)", number or index + 1, of, decision, index)
         return False
 
 
 __all__ = ["BeadWalk", "CollectionFile", "CollectionFileError", "check_collection_file", "open_bead_walk", "settings_differences",
-           "random_aberration", "N_MODES", "BEADWALK_FORMAT", "BEADWALK_FORMAT_VERSION"]
+           "random_aberration", "N_MODES", "BEADWALK_FORMAT", "BEADWALK_FORMAT_VERSION", "APPEND_MUST_MATCH",
+           "APPEND_MAY_DIFFER"]

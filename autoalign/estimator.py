@@ -60,10 +60,11 @@ class Estimate:
     when the estimator does not read it. ``uncertainty``: {Noll: rad} one-sigma per mode, or None.
     ``valid``: False when the estimator itself refuses (``reason`` says why; nothing is applied).
     ``residual_rms``: the estimator's reading of the residual wavefront RMS (rad, Noll >= 5) or
-    None when it cannot tell; the loop declares convergence when it drops below
-    ``loop.converged_rms_rad``. ``score``: figure of merit of the measured state, LOWER is
-    better, comparable only between estimates of the same estimator (the loop keeps the
-    correction with the best score). ``source``: the estimator's name."""
+    None when it cannot tell; it is reported, never decided on (the loop's stop rules use what the
+    camera measures; ``loop.converged_rms_rad`` is deprecated and ignored). ``score``: figure of
+    merit of the measured state, LOWER is better, comparable only between estimates of the same
+    estimator (the loop keeps the correction with the best score). ``source``: the estimator's
+    name."""
 
     coefficients: dict[int, float]
     mask_offset: tuple[float, float] | None = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import os
 import types
 import typing
@@ -43,6 +44,14 @@ SETTINGS_FORMAT_VERSION = 1
 #: Dotted keys holding file or folder paths; relative values resolve against the settings file's folder.
 PATH_KEYS = ("model.checkpoint", "model.fine_checkpoint", "slm.flatness_file", "slm.lut_file",
              "hardware.micromanager.config_file", "hardware.micromanager.install_dir")
+#: Keys that are still accepted (older files and the settings stored in data sets hold them) but do
+#: nothing; a settings file that sets one gets a warning saying so and what replaced it.
+DEPRECATED_KEYS = {
+    "loop.converged_rms_rad": (
+        "is deprecated and ignored: the loop no longer stops on the estimator's predicted residual; it "
+        "stops on what the camera measures (loop.floor_margin, loop.aligned_min_correlation and "
+        "loop.min_corrections for 'converged', loop.patience, loop.max_iterations); delete the key"),
+}
 #: Top-level folders of the repository installed as sub-packages (``models/...`` in the packaged
 #: defaults means the installed ``autoalign.models`` package).
 _SUBPACKAGES = ("models", "simulation", "hardware", "calibration", "app")
@@ -257,7 +266,6 @@ class DatasetSettings:
 class LoopSettings:
     gain: float = _f(gt=0.0, le=2.0)
     max_iterations: int = _f(ge=1)
-    converged_rms_rad: float = _f(ge=0.0)
     max_correction_rms_rad: float = _f(gt=0.0)
     max_prediction_rad: float = _f(gt=0.0)
     min_photons: float = _f(ge=0.0)
@@ -277,6 +285,8 @@ class LoopSettings:
     aligned_min_correlation: float = _f(0.97, ge=0.0, le=1.0)  # ... and the donut's shape matches the ideal
     min_corrections: int = _f(3, ge=0)                  # corrections applied before "aligned" may stop the run
     corrector: Literal["model", "refined", "modal"] = _f("refined")  # the loop's default estimator
+    # DEPRECATED, unused (see DEPRECATED_KEYS): kept so that files and data sets written with it load
+    converged_rms_rad: float = _f(0.05, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -633,6 +643,30 @@ def _read_settings_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def deprecated_keys_in(data: dict[str, Any]) -> list[str]:
+    """The :data:`DEPRECATED_KEYS` that the (partial) settings mapping ``data`` sets."""
+    found = []
+    for dotted in DEPRECATED_KEYS:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            found.append(dotted)
+    return found
+
+
+_ABSENT = object()
+
+
+def warn_deprecated(data: dict[str, Any], source: str) -> list[str]:
+    """Log one warning per deprecated key that a settings file sets (``autoalign.settings``
+    logger; the command line shows warnings); returns the messages."""
+    messages = [f"{source}: key '{key}' {DEPRECATED_KEYS[key]}" for key in deprecated_keys_in(data)]
+    for message in messages:
+        logging.getLogger("autoalign.settings").warning("%s", message)
+    return messages
+
+
 def default_settings_dict() -> dict[str, Any]:
     """The packaged defaults as a plain dict, paths resolved (``model.checkpoint`` = the shipped weights)."""
     data = _read_settings_mapping(DEFAULT_SETTINGS_PATH)
@@ -656,6 +690,7 @@ def load_settings(path: str | Path | Settings | None = None) -> Settings:
     if path.is_dir():
         raise SettingsError(f"{path}: is a folder; expected a settings YAML file")
     user = _read_settings_mapping(path)
+    warn_deprecated(user, str(path))
     user = _resolve_paths(user, Path(os.path.abspath(path)).parent, packaged=False)
     return settings_from_dict(_merge(defaults, user), source=str(path))
 

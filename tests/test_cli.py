@@ -187,3 +187,51 @@ def test_default_logging_is_quiet_and_v_shows_info(tmp_path, monkeypatch, capsys
     assert logging.getLogger().level == logging.INFO
     main(["-v", "-v", "settings", "--show"])
     assert logging.getLogger().level == logging.DEBUG
+
+
+# ------------------------------------------------------------------ issue 24 (15): what the commands say
+def test_settings_write_names_the_file_it_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["settings", "--write", "my.yaml"]) == 0
+    err = capsys.readouterr().err
+    assert "{out}" not in err and f"--settings {tmp_path / 'my.yaml'}" in err, err
+
+
+def test_deprecated_stop_rule_is_said_and_not_in_the_defaults(tmp_path, caplog):
+    import logging
+
+    from autoalign.settings import DEPRECATED_KEYS
+
+    assert "converged_rms_rad" not in yaml.safe_load(DEFAULT_SETTINGS_PATH.read_text())["loop"]
+    old = tmp_path / "old.yaml"
+    old.write_text("loop:\n  converged_rms_rad: 0.02\n")
+    with caplog.at_level(logging.WARNING, logger="autoalign.settings"):
+        s = load_settings(old)
+    assert s.loop.converged_rms_rad == 0.02       # an old file still loads
+    text = caplog.text
+    assert "old.yaml" in text and "loop.converged_rms_rad" in text and "deprecated and ignored" in text
+    assert "floor_margin" in text and "loop.converged_rms_rad" in DEPRECATED_KEYS
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoalign.settings"):
+        load_settings(None)
+        main(["settings", "--write", str(tmp_path / "fresh.yaml")])
+        load_settings(tmp_path / "fresh.yaml")
+    assert "deprecated" not in caplog.text      # the packaged defaults and a fresh copy do not set it
+
+
+def test_align_help_promises_files_only_with_report():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    text = " ".join(sub.choices["align"].format_help().split())
+    assert "Files are written only with --report DIR" in text, text
+    assert "writes JSON and PNG plots" not in text
+    assert "--demo-micromanager is a WIRING DEMO" in text
+
+
+def test_report_table_says_its_null_is_noise_free_without_the_bead(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--out", "d.png"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert "beam null" in header
+    assert "NOISE-FREE and WITHOUT the bead" in out

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import h5py
+import pytest
 import numpy as np
 
 from autoalign.app.collect import BeadWalk
@@ -101,3 +102,63 @@ def test_killed_collection_leaves_readable_file(tmp_path):
     assert walk.run() == 1
     with h5py.File(path, "r") as f:
         assert _check_consistent(f) == n + 1
+
+
+SMALL_YAML = """camera:
+  roi_px: 32
+  pixel_size_um: 0.05
+stack:
+  planes: 32
+  z_step_um: 0.06
+optics:
+  pupil_samples: 48
+model:
+  binning: 1
+  fine_checkpoint: ""
+loop:
+  edge_margin_px: 3
+"""
+
+
+def test_collect_twice_appends_new_rounds_and_says_the_total(tmp_path, monkeypatch, capsys):
+    """Issue 24 (15): a second `collect --seed S` into the same file draws new random states (not
+    the first run's rounds again), says how many rounds the file holds, and settings that differ
+    only where the data keep their meaning (loop.max_iterations) may append."""
+    from autoalign.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.yaml").write_text(SMALL_YAML)
+    (tmp_path / "small_more_iterations.yaml").write_text(SMALL_YAML + "  max_iterations: 9\n")
+    common = ["collect", "--out", "walk.h5", "--backend", "sim", "--rounds", "2", "--seed", "3",
+              "--no-model", "--random-aberration", "0.3"]
+    assert main([*common, "--settings", "small.yaml"]) == 0
+    assert "2 round(s) appended" in capsys.readouterr().out
+    assert main([*common, "--settings", "small_more_iterations.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "2 round(s) appended" in out and "(4 in the file now)" in out, out
+    with h5py.File(tmp_path / "walk.h5", "r") as f:
+        assert _check_consistent(f) == 4 and list(f["round"][:]) == [0, 1, 2, 3]
+        rand, stacks = f["random_aberration"][:], f["stack"][:]
+    for k in (0, 1):
+        assert not np.allclose(rand[k], rand[k + 2]), "the continuation repeated the first run's aberration"
+        assert not np.array_equal(stacks[k], stacks[k + 2]), "the continuation repeated the first run's stack"
+
+
+def test_append_refuses_only_settings_that_change_the_data(tmp_path):
+    from autoalign.app.collect import CollectionFileError, check_collection_file, settings_differences
+    from autoalign.settings import load_settings
+
+    s = load_settings()
+    shape = (s.stack.planes, s.camera.roi_px, s.camera.roi_px)
+    from autoalign.app.collect import CollectionFile
+
+    CollectionFile(tmp_path / "w.h5", s, shape)
+    for key, value in (("loop.max_iterations", 9), ("loop.gain", 0.5), ("refine.max_iterations", 10),
+                       ("stage.settle_timeout_s", 9.0), ("simulation.seed", 7), ("slm.monitor", 2)):
+        assert check_collection_file(tmp_path / "w.h5", s.replace(**{key: value}), shape) == 0, key
+    for key, value in (("camera.exposure_ms", 30.0), ("optics.wavelength_um", 0.66),
+                       ("slm.grey_level_2pi", 200), ("model.modes", [5, 6, 7]),
+                       ("simulation.aberration_rms_rad", 0.3), ("hardware.backend", "micromanager")):
+        with pytest.raises(CollectionFileError, match=key.replace(".", r"\.")):
+            check_collection_file(tmp_path / "w.h5", s.replace(**{key: value}), shape)
+    assert settings_differences(s.to_yaml(), s.replace(**{"loop.patience": 5})) == []

@@ -26,9 +26,13 @@ def test_demo_micromanager_runs_one_iteration(tmp_path, capsys):
         rc = main(["align", "--demo-micromanager", "--iterations", "1", "--report", str(tmp_path)])
     finally:
         stop_all()
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, out = captured.err, captured.out
     assert rc == 0, err
     assert "WIRING DEMO" in err and "demo_micromanager.yaml" in err
+    # issue 24 (15): said on stdout too, and no table of NaN presented as results
+    assert out.startswith("WIRING DEMO, not an alignment"), out
+    assert "nan" not in out.lower() and "no result: no stack was valid (no bead)" in out, out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["backend"] == "micromanager" and summary["trials"] == 1
     # the demo camera images no bead: the loop acquired stacks and refused them, it did not crash

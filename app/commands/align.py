@@ -1,8 +1,20 @@
-"""``autoalign align``: the closed loop, headless. With ``--backend sim``, ``--trials T`` trials
-each with a fresh random hidden aberration (seed ``S + t``; RMS uniform in ``--aberration-rms``
-A:B, default the settings' ``simulation.aberration_rms_rad``); prints a per-iteration table
-(median and 95th percentile of the true residual RMS, the TRUE null depth of the beam and the
-MEASURED null depth with the bead), writes JSON and PNG plots.
+"""``autoalign align``: the closed loop, headless.
+
+--backend sim (the simulated microscope): --trials T trials, each with a fresh random hidden
+aberration (seed S + t; RMS uniform in --aberration-rms A:B, default the settings'
+simulation.aberration_rms_rad) and the hidden errors asked for, run with the loop's own stop
+rules; prints a per-iteration table (median and 95th percentile of the true residual RMS, the TRUE
+null depth of the beam and the MEASURED null depth with the bead) and each trial's stop reason.
+--fixed-iterations: the legacy table (exactly --iterations corrections, no stop rules).
+
+--backend micromanager (real devices): one run; prints per iteration what the camera measured
+(null depth, correlation with the ideal donut) and the loop's decision. A real instrument has no
+true residual, so none is printed. --demo-micromanager is a WIRING DEMO, not an alignment:
+Micro-Manager's demo camera images no bead, so every stack is refused by design.
+
+Output: the table on stdout, or with --json the JSON summary instead. Files are written only with
+--report DIR: summary.json there, and the PNG plots (align.png) with --fixed-iterations or
+--backend micromanager.
 
 Row k is the state after k corrections. ``true null`` is centre over peak of the beam's own focal
 intensity (simulated microscope's truth, noise-free, no bead); ``measured null`` is what the
@@ -58,8 +70,10 @@ def register(subparsers: Any) -> None:
                    help="ignore any saved poke calibration; use the optics formulas")
     p.add_argument("--aberration-rms", default=None, metavar="A[:B]", type=_rms_spec,
                    help="hidden aberration RMS, rad, >= 0 (sim); A:B draws each trial's uniformly in [A, B]")
-    p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
-    p.add_argument("--report", default=None, metavar="DIR", help="write summary.json and PNG plots here")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table (no file)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="write summary.json here, and the PNG plots (align.png) with --fixed-iterations or "
+                   "--backend micromanager; without it nothing is written")
     p.add_argument("--force", action="store_true",
                    help="replace report files in DIR that this command did not write")
     # --- hidden errors of simulated trials and the loop's own stop rules (app/trials.py) ---
@@ -177,6 +191,28 @@ def format_table(table: list[dict[str, float]]) -> str:
                      f"{r['residual_p95']:>13.4f} {r['true_null_depth_median']:>14.4f} "
                      f"{r['true_null_depth_p95']:>14.4f} {r['null_depth_median']:>15.4f} "
                      f"{r['null_depth_p95']:>15.4f} {r['correlation_median']:>12.4f}")
+    return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{100 * value:.2f} %"
+
+
+def _first_refusal(trial: dict[str, Any]) -> str:
+    refused = [str(d) for d in trial.get("decisions", []) if str(d).startswith("refused")]
+    return refused[0].removeprefix("refused: ").split(";")[0] if refused else "no decision"
+
+
+def format_measured(trial: dict[str, Any]) -> str:
+    """One run on real devices: per row what the camera measured and the loop's decision (a real
+    instrument has no true residual); "-" where nothing was measured (a refused stack)."""
+    decisions = list(trial.get("decisions", []))
+    lines = [f"{'iter':>4} {'measured null':>14} {'corr. ideal':>12}  decision"]
+    for k, row in enumerate(trial["rows"]):
+        corr = row.get("correlation_ideal")
+        corr_text = "-" if corr is None or not np.isfinite(corr) else f"{corr:.3f}"
+        decision = decisions[k] if k < len(decisions) else "(the state on the SLM at the end)"
+        lines.append(f"{k:>4} {_pct(row.get('null_depth')):>14} {corr_text:>12}  {decision}")
     return "\n".join(lines)
 
 
@@ -310,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 if args.backend != "sim":
                     raise
                 continue
-            if not args.json:
+            if not args.json and args.backend == "sim":
                 print(f"trial {t + 1}/{trials_n}: residual {_fmt(trials[-1]['rows'][0]['true_residual_rms'])} -> "
                       f"{_fmt(trials[-1]['rows'][-1]['true_residual_rms'])} rad", file=sys.stderr)
     except KeyboardInterrupt:
@@ -332,13 +368,31 @@ def run(args: argparse.Namespace) -> int:
         summary["plots"] = write_plots(summary["table"], trials, report_dir,
                                        f"{args.corrector}, {len(trials)} trials")
         atomic_write_text(report_dir / "summary.json", json.dumps(summary, indent=1, default=float))
+    hardware = args.backend != "sim"
+    demo = hardware and base.slm.backend == "simulated"   # Micro-Manager devices, an SLM no beam sees
+    measured = any(row.get("null_depth") is not None and np.isfinite(row["null_depth"])
+                   for t in trials for row in t["rows"])
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "per_trial"}, indent=1, default=float))
+    elif hardware:
+        if demo:
+            print("WIRING DEMO, not an alignment: Micro-Manager devices with the SLM pattern kept in memory "
+                  "(no beam sees it); the demo camera images no bead, so its stacks are refused by design")
+        print(format_measured(trials[0]))
+        median = summary["iteration_s_median"]
+        print(f"iteration wall time median {_fmt(median, '.3f')} s; measured null floor with this bead "
+              f"(perfect correction, no noise) {_pct(summary['ideal_null_depth'])}")
+        if not measured:
+            print("no result: no stack was valid (" + _first_refusal(trials[0]) + "); nothing was measured")
     else:
         print(format_table(summary["table"]))
         median = summary["iteration_s_median"]
         print(f"dry-run iteration wall time median {_fmt(median, '.3f')} s; measured null "
               f"depth floor with this bead (perfect correction, no noise) {_fmt(summary['ideal_null_depth'], '.4f')}")
+    if hardware and not measured and not demo and not stopped:
+        print("autoalign align: no valid stack in the whole run: nothing was aligned (see the decisions above)",
+              file=sys.stderr)
+        return 1
     if stopped:
         where = f"; report for them in {report_dir}" if report_dir is not None else ""
         print(f"autoalign align: {stopped[0]}; kept {len(trials)} finished trial(s){where}", file=sys.stderr)

@@ -2,9 +2,14 @@
 centre, acquire, predict, apply) is appended to an HDF5 file and flushed; the file stays readable if
 the process is killed, and a later run appends to it.
 
-Appending is allowed only to a bead-walk file of this format recorded with the same settings (the
-refusal names the keys that differ); a lock file (FILE.lock) keeps a second writer out. Ctrl-C or a
-device failure ends the walk keeping every finished round (exit status 130 or 1)."""
+Appending is allowed only to a bead-walk file of this format recorded with the same settings where
+they change what the data mean: optics, camera, stack, SLM (its backend and monitor aside), model,
+dataset.modes, simulation (its seed aside) and hardware.backend; the refusal names the keys that
+differ. Other keys (loop.*, refine.*, stage.*, the Micro-Manager connection) may differ. A run that
+appends draws new random states (aberrations, and on the simulated microscope its hidden state and
+noise) from --seed and the rounds already in the file, so it never repeats the first run. A lock
+file (FILE.lock) keeps a second writer out. Ctrl-C or a device failure ends the walk keeping every
+finished round (exit status 130 or 1)."""
 from __future__ import annotations
 
 import argparse
@@ -44,13 +49,18 @@ def run(args: argparse.Namespace) -> int:
     from autoalign.hardware.factory import open_devices
 
     out = cli_path(args.out)
-    seeded = args.seed is not None and args.backend != "micromanager"
-    s = device_settings(args, **({"simulation.seed": args.seed} if seeded else {}))
+    s = device_settings(args)
     n = s.camera.roi_px
     existing = check_collection_file(out, s, (s.stack.planes, n, n))  # before any device is opened
     check_writable(out, "bead-walk file")
+    if s.hardware.backend != "micromanager" and (args.seed is not None or existing):
+        # the simulated microscope's hidden state and noise: from --seed, advanced past the rounds
+        # already in the file (a continuation must not repeat the first run's stacks)
+        s = s.replace(**{"simulation.seed": continuation_seed(
+            s.simulation.seed if args.seed is None else args.seed, existing)})
     if existing:
-        print(f"autoalign collect: appending to {out} ({existing} round(s) in it, same settings)", file=sys.stderr)
+        print(f"autoalign collect: appending to {out} ({existing} round(s) in it; the settings that change "
+              "what the data mean are the same)", file=sys.stderr)
     with open_devices(s) as dev:
         loop = AlignmentLoop(dev, s, make_estimator("model", s))
         walk = BeadWalk(loop, out, rounds=args.rounds, random_aberration_rms=args.random_aberration,
@@ -59,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             walk.apply_model = None
         walk.progress = True
         n_written = walk.run()
-    message = f"{n_written} round(s) appended to {out}: {walk.stop_reason}"
+    message = (f"{n_written} round(s) appended to {out} ({existing + n_written} in the file now): "
+               f"{walk.stop_reason}")
     if walk.interrupted:
         print(f"autoalign collect: {message}; every finished round is kept", file=sys.stderr)
         return 130
@@ -68,3 +79,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(message)
     return 0 if n_written else 1
+
+
+def continuation_seed(seed: int, rounds_in_file: int) -> int:
+    """``seed`` for a new file; for a file that already holds rounds, a seed derived from both
+    (never the seed of the run that wrote them, nor of another seed's first run)."""
+    if not rounds_in_file:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rounds_in_file)]).generate_state(1)[0] & 0x7FFFFFFF)

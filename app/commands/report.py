@@ -1,5 +1,7 @@
-"""``autoalign report``: a PNG of the ideal and a few aberrated donuts (xy, xz, yz each), noise-
-free and as the camera sees them, with their null depth; prints a short table."""
+"""``autoalign report``: a PNG of the ideal and a few aberrated donuts (xy, xz, yz each),
+noise-free and as the camera sees them (bead, photons, noise), and a table of each beam's own null
+depth (noise-free, without the bead: not what the camera measures through a bead, which the loop
+compares with the bead's floor)."""
 from __future__ import annotations
 
 import argparse
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     ext = sim.coords_um[[0, -1]]
     zext = sim.z_um[[0, -1]]
     fig, axes = plt.subplots(len(cases), 6, figsize=(13, 2.2 * len(cases)))
-    print(f"{'case':40s}{'null depth':>12s}{'peak':>8s}")
+    print(f"{'case':40s}{'beam null':>12s}{'peak':>8s}")
     for row, (name, coeffs) in enumerate(cases):
         sections = sim.orthosections(coeffs)
         noisy = camera.to_photons(camera.expose(blur_by_bead(sections, settings.camera.bead_diameter_um,
@@ -85,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
                 if row == 0:
                     ax.set_title(f"{title} ({label})", fontsize=9)
         axes[row, 0].set_ylabel(name, fontsize=8)
+    print(f"beam null: centre / peak of the beam's own xy section, NOISE-FREE and WITHOUT the bead (the "
+          f"{1000 * settings.camera.bead_diameter_um:.0f} nm bead fills a measured null up to its floor; "
+          "'autoalign align' prints that floor); peak: relative to the ideal donut's")
     fig.suptitle(
         f"Vortex donut, NA {settings.optics.numerical_aperture}, {settings.optics.wavelength_um * 1000:.0f} nm, "
         f"{settings.optics.polarisation}; field {ext[1] - ext[0]:.2f} µm, "

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out, "settings file")
         atomic_write_text(out, DEFAULT_SETTINGS_PATH.read_text(encoding="utf-8"))
         print(f"wrote {out}: the packaged defaults; keep only the keys you change (relative paths in it "
-              "are relative to its folder), then pass --settings {out}", file=sys.stderr)
+              f"are relative to its folder), then pass --settings {out}", file=sys.stderr)
         return 0
     settings = load_settings(args.settings)
     print(f"# effective settings from {settings.source}")
