@@ -8,8 +8,17 @@ Correction files (YAML, ``format: autoalign-correction``, ``format_version`` :da
 record the optics they were made for (:data:`OPTICS_KEYS`: NA, wavelength, pupil radius on the SLM).
 Loading one with settings of other optics is REFUSED unless ``force``: the same radians at another
 wavelength, or the same Zernike over another pupil radius on the SLM, is a different phase on the
-beam, and a wrong phase on the SLM silently spoils the donut. A file without the record (older
-versions) loads with a warning that it could not be checked.
+beam, and a wrong phase on the SLM silently spoils the donut. A file without the record loads
+with a warning that it could not be checked (:func:`read_correction` returns the warnings, so a
+window can show them).
+
+A file must say what it is: ``format: autoalign-correction`` at the top. The one exception is the
+first layout (autoalign before the header existed), recognised by its ``units`` line exactly as it
+was written (:data:`LEGACY_UNITS`); it loads, with the warning that its optics cannot be checked.
+A YAML without the header and without that line is refused, as is a Noll index outside the modes
+the settings correct (:func:`supported_modes`: piston, tip, tilt, defocus and the model's modes;
+without settings, Noll 1 to :data:`MAX_NOLL`): such a file was not made for this instrument, and
+its phase would go to the SLM unchecked.
 """
 
 from __future__ import annotations
@@ -33,6 +42,34 @@ CORRECTION_FORMAT = "autoalign-correction"
 CORRECTION_FORMAT_VERSION = 1
 #: The optics a correction file records, as dotted settings keys.
 OPTICS_KEYS = ("optics.numerical_aperture", "optics.wavelength_um", "slm.pupil_radius_px")
+#: The ``units`` line of the first layout (no ``format`` header): such files still load.
+LEGACY_UNITS = "radians (RMS-normalised Noll Zernikes); mask_offset in pupil radii (x, y)"
+#: Without settings, the highest Noll index a correction may hold (the highest any part of
+#: autoalign renders: the training data's unlabelled modes go up to 36).
+MAX_NOLL = 36
+
+
+def supported_modes(settings: Any = None) -> set[int]:
+    """Noll indices a correction may hold: piston, tip, tilt, defocus (1-4: centring) and the modes
+    the settings correct (``model.modes``, ``model.fine_modes``, ``dataset.modes``); without
+    ``settings``, 1 to :data:`MAX_NOLL`."""
+    if settings is None:
+        return set(range(1, MAX_NOLL + 1))
+    modes = {1, 2, 3, 4}
+    for section, key in (("model", "modes"), ("model", "fine_modes"), ("dataset", "modes")):
+        modes.update(int(m) for m in (getattr(getattr(settings, section, None), key, None) or []))
+    return modes
+
+
+def _ranges(modes: set[int]) -> str:
+    """``{1, 2, 3, 4, 5, ..., 22}`` -> ``"1-22"``; gaps as ``"1-4, 7, 9-12"``."""
+    out: list[str] = []
+    for m in sorted(modes):
+        if out and int(out[-1].split("-")[-1]) == m - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{m}"
+        else:
+            out.append(str(m))
+    return ", ".join(out)
 
 
 class CorrectionError(UserError, ValueError):
@@ -137,45 +174,68 @@ class Correction:
 
     @classmethod
     def load_yaml(cls, path: str | Path, settings: Any = None, force: bool = False) -> "Correction":
-        """Read a correction file. Raises :class:`CorrectionError` (a ValueError) naming the file and
-        the problem: unreadable or invalid YAML, duplicate keys, a newer format version, a Noll key
-        that is not an integer >= 1 (``5.7`` is refused, not truncated), a value that is not a finite
-        number. With ``settings``: a file made for other optics is refused unless ``force`` (then
-        logged as a warning)."""
-        from autoalign.settings import check_format_version, read_yaml_file
-
-        data = read_yaml_file(path, "correction", CorrectionError)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict) or not isinstance(data.get("coefficients", None), (dict, type(None))) \
-                or "coefficients" not in data:
-            raise CorrectionError(f"{path}: not a correction file (expected a mapping with a 'coefficients' "
-                                  "mapping {Noll index: radians})")
-        fmt = data.get("format", CORRECTION_FORMAT)
-        if fmt != CORRECTION_FORMAT:
-            raise CorrectionError(f"{path}: format {fmt!r}: expected {CORRECTION_FORMAT!r}")
-        check_format_version(data, str(path), CORRECTION_FORMAT_VERSION, "correction", CorrectionError)
-        coeffs: dict[int, float] = {}
-        for key, value in (data.get("coefficients") or {}).items():
-            j = _noll_key(key, path)
-            coeffs[j] = _finite(value, f"coefficient {j}", path)
-        off = data.get("mask_offset")
-        if off is None:
-            off = [0.0, 0.0]
-        if not isinstance(off, (list, tuple)) or len(off) != 2:
-            raise CorrectionError(f"{path}: mask_offset = {off!r}: expected two numbers [x, y] in pupil radii")
-        offset = (_finite(off[0], "mask_offset x", path), _finite(off[1], "mask_offset y", path))
-        corr = cls(coeffs, offset)
-        if settings is not None:
-            recorded = data.get("optics")
-            if not isinstance(recorded, dict):
-                log.warning("%s: records no optics; cannot check that it was made for these settings", path)
-            else:
-                diffs = optics_differences(recorded, settings)
-                if diffs:
-                    msg = f"{path}: made for other optics ({'; '.join(diffs)})"
-                    if not force:
-                        raise CorrectionError(msg + "; it would put a wrong phase on the SLM. Make a new "
-                                              "correction for these optics, or load it with force")
-                    log.warning("%s; loaded anyway (forced)", msg)
+        """Read a correction file (:func:`read_correction`); its warnings go to the
+        ``autoalign.correction`` logger. Raises :class:`CorrectionError` (a ValueError)."""
+        corr, warnings = read_correction(path, settings, force)
+        for message in warnings:
+            log.warning("%s", message)
         return corr
+
+
+def read_correction(path: str | Path, settings: Any = None, force: bool = False) -> tuple[Correction, list[str]]:
+    """Read a correction file: ``(correction, warnings)``. Raises :class:`CorrectionError` naming
+    the file, the key and the value: unreadable or invalid YAML, duplicate keys, no ``format``
+    header (except the first layout, :data:`LEGACY_UNITS`), another format, a newer format version,
+    a Noll key that is not an integer >= 1 (``5.7`` is refused, not truncated) or outside
+    :func:`supported_modes`, a value that is not a finite number. With ``settings``: a file made
+    for other optics is refused unless ``force`` (then a warning)."""
+    from autoalign.settings import check_format_version, read_yaml_file
+
+    warnings: list[str] = []
+    data = read_yaml_file(path, "correction", CorrectionError)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or not isinstance(data.get("coefficients", None), (dict, type(None))) \
+            or "coefficients" not in data:
+        raise CorrectionError(f"{path}: not a correction file (expected a mapping with a 'coefficients' "
+                              "mapping {Noll index: radians})")
+    legacy = "format" not in data and data.get("units") == LEGACY_UNITS
+    if "format" not in data and not legacy:
+        raise CorrectionError(f"{path}: key 'format' is missing: not an autoalign correction file (expected "
+                              f"'format: {CORRECTION_FORMAT}' at the top, as Save correction writes it); "
+                              "nothing was loaded")
+    fmt = data.get("format", CORRECTION_FORMAT)
+    if fmt != CORRECTION_FORMAT:
+        raise CorrectionError(f"{path}: key 'format' = {fmt!r}: expected {CORRECTION_FORMAT!r}")
+    check_format_version(data, str(path), CORRECTION_FORMAT_VERSION, "correction", CorrectionError)
+    allowed = supported_modes(settings)
+    where = ("the modes these settings correct (piston, tip, tilt, defocus and model.modes / dataset.modes)"
+             if settings is not None else f"the modes autoalign renders (Noll 1-{MAX_NOLL})")
+    coeffs: dict[int, float] = {}
+    for key, value in (data.get("coefficients") or {}).items():
+        j = _noll_key(key, path)
+        coeffs[j] = _finite(value, f"coefficient {j}", path)
+        if j not in allowed:
+            raise CorrectionError(f"{path}: key 'coefficients.{j}' = {value!r}: Noll {j} is outside {where}: "
+                                  f"{_ranges(allowed)}; nothing was loaded")
+    off = data.get("mask_offset")
+    if off is None:
+        off = [0.0, 0.0]
+    if not isinstance(off, (list, tuple)) or len(off) != 2:
+        raise CorrectionError(f"{path}: mask_offset = {off!r}: expected two numbers [x, y] in pupil radii")
+    offset = (_finite(off[0], "mask_offset x", path), _finite(off[1], "mask_offset y", path))
+    corr = Correction(coeffs, offset)
+    if settings is not None:
+        recorded = data.get("optics")
+        if not isinstance(recorded, dict):
+            warnings.append(f"{path}: records no optics ({'a file of the first layout' if legacy else 'no optics: block'}); "
+                            "cannot check that it was made for these settings (NA, wavelength, pupil radius on the SLM)")
+        else:
+            diffs = optics_differences(recorded, settings)
+            if diffs:
+                msg = f"{path}: made for other optics ({'; '.join(diffs)})"
+                if not force:
+                    raise CorrectionError(msg + "; it would put a wrong phase on the SLM. Make a new "
+                                          "correction for these optics, or load it with force")
+                warnings.append(f"{msg}; loaded anyway (forced)")
+    return corr, warnings

@@ -409,3 +409,64 @@ def test_keyboard_shortcuts_acquire_and_stop(qtbot, window):
     assert w.measurements_seen == seen + 1 and not w.errors, w.errors
     assert QtGui.QKeySequence("Esc") == w.actions["stop"].shortcut()
     assert QtGui.QKeySequence("F8") == w.actions["run"].shortcut()
+
+
+# ------------------------------------------------------------------ issue 24: rough edges
+def test_load_correction_refuses_a_foreign_file_and_sends_nothing(qtbot, window, tmp_path):
+    """Issue 24 (8): a YAML without the format header, or with a mode the settings do not correct
+    (Noll 99), is refused before the SLM: the error names the file, key and value in the log, the
+    status bar and a message box; the SLM, the correction and the mode rows are unchanged. A file of
+    the first layout (no header, its own units line) still loads, its warning in the window."""
+    import yaml
+
+    from autoalign.correction import LEGACY_UNITS
+
+    w = window
+    slm = w.worker.devices.slm
+    phase = np.array(slm.phase_rad, copy=True)
+    correction = w.worker.loop.correction.copy()
+    rows = list(w.bars.modes)
+    shown = np.array(w.phase_view.last_phase, copy=True)
+    cases = (("foreign.yaml", "coefficients:\n  5: 0.1\n  99: 0.5\n", "key 'format' is missing"),
+             ("mode99.yaml", "format: autoalign-correction\ncoefficients:\n  5: 0.1\n  99: 0.5\n",
+              "key 'coefficients.99' = 0.5: Noll 99 is outside"))
+    for name, text, words in cases:
+        path = tmp_path / name
+        path.write_text(text)
+        n_boxes = len(w.message_boxes)
+        w.results.pop("load_correction", None)
+        assert w.load_correction(str(path))
+        _wait_done(qtbot, w, "load_correction")
+        task, message = w.errors[-1]
+        assert task == "load_correction" and str(path) in message and words in message, message
+        assert len(w.message_boxes) == n_boxes + 1 and words in w.message_boxes[-1].text()
+        assert words in w.status_state.toolTip()
+        assert any(words in line for line in w.log.lines)
+        np.testing.assert_array_equal(slm.phase_rad, phase)          # nothing sent to the SLM
+        assert w.worker.loop.correction == correction
+        assert w.bars.modes == rows and 99 not in w.bars.modes      # no "Z99" row
+        np.testing.assert_array_equal(w.phase_view.last_phase, shown)
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"units": LEGACY_UNITS, "coefficients": {5: 0.05}, "mask_offset": [0.0, 0.0],
+                                   "saved": "2026-11-23T20:31:21+00:00"}, sort_keys=False))
+    n_errors, n_boxes = len(w.errors), len(w.message_boxes)
+    w.results.pop("load_correction", None)
+    assert w.load_correction(str(old))
+    _wait_done(qtbot, w, "load_correction")
+    assert len(w.errors) == n_errors, w.errors[-1]
+    assert w.worker.loop.correction.coefficients == {5: 0.05}
+    assert any("WARNING" in line and "old.yaml: records no optics" in line for line in w.log.lines)
+    assert len(w.message_boxes) == n_boxes + 1 and "records no optics" in w.message_boxes[-1].text()
+
+
+def test_mode_rows_follow_the_values_shown(qtbot):
+    """Issue 24 (8): a mode beyond the configured rows is shown while it has a value and goes
+    again (it does not stay for the session)."""
+    from autoalign.app.gui.widgets import ModeBarChart
+
+    bars = ModeBarChart([2, 3, 4, 5, 6])
+    qtbot.addWidget(bars)
+    bars.set_values(correction={5: 0.1, 30: 0.2})
+    assert 30 in bars.modes
+    bars.set_values(correction={5: 0.1}, prediction={})
+    assert bars.modes == [2, 3, 4, 5, 6]

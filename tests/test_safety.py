@@ -390,17 +390,25 @@ def test_correction_records_optics_and_refuses_other_optics(tmp_path, caplog):
     assert "loaded anyway" in caplog.text
 
 
+HEADER = "format: autoalign-correction\n"
+
+
 @pytest.mark.parametrize("text, words", [
-    ("coefficients: {5.7: 0.1}", "coefficient key 5.7: expected a Noll index"),
-    ("coefficients: {0: 0.1}", "coefficient key 0"),
-    ("coefficients: {true: 0.1}", "coefficient key True"),
-    ("coefficients: {5: 0.1, 5: 0.2}", "duplicate key 5"),
-    ("coefficients: {5: .nan}", "coefficient 5 = nan: expected a finite number"),
-    ("coefficients: {5: abc}", "coefficient 5 = 'abc': expected a number"),
-    ("coefficients: {5: [unclosed", "not valid YAML at line 1"),
+    (HEADER + "coefficients: {5.7: 0.1}", "coefficient key 5.7: expected a Noll index"),
+    (HEADER + "coefficients: {0: 0.1}", "coefficient key 0"),
+    (HEADER + "coefficients: {true: 0.1}", "coefficient key True"),
+    (HEADER + "coefficients: {5: 0.1, 5: 0.2}", "duplicate key 5"),
+    (HEADER + "coefficients: {5: .nan}", "coefficient 5 = nan: expected a finite number"),
+    (HEADER + "coefficients: {5: abc}", "coefficient 5 = 'abc': expected a number"),
+    (HEADER + "coefficients: {5: [unclosed", "not valid YAML at line 2"),
     ("just text", "not a correction file"),
-    ("coefficients: {5: 0.1}\nmask_offset: [1]", "mask_offset = [1]: expected two numbers"),
-    ("format_version: 9\ncoefficients: {5: 0.1}", "correction format version 9 is newer"),
+    (HEADER + "coefficients: {5: 0.1}\nmask_offset: [1]", "mask_offset = [1]: expected two numbers"),
+    (HEADER + "format_version: 9\ncoefficients: {5: 0.1}", "correction format version 9 is newer"),
+    # issue 24 (8): no header, a mode nothing renders
+    ("coefficients: {5: 0.1}", "key 'format' is missing: not an autoalign correction file"),
+    ("units: my own\ncoefficients: {5: 0.1}", "key 'format' is missing"),
+    ("format: something-else\ncoefficients: {5: 0.1}", "key 'format' = 'something-else'"),
+    (HEADER + "coefficients: {5: 0.1, 99: 0.3}", "key 'coefficients.99' = 0.3: Noll 99 is outside"),
 ])
 def test_correction_junk_gives_a_clear_error(tmp_path, text, words):
     from autoalign.correction import Correction, CorrectionError
@@ -410,6 +418,30 @@ def test_correction_junk_gives_a_clear_error(tmp_path, text, words):
     with pytest.raises(CorrectionError) as info:
         Correction.load_yaml(p)
     assert str(p) in str(info.value) and words in str(info.value), str(info.value)
+
+
+def test_correction_modes_outside_the_settings_and_old_files(tmp_path):
+    """Issue 24 (8): with settings, a Noll index outside the modes they correct is refused naming
+    the file, key and value; a file of the first layout (no header, its own units line) still loads,
+    with the warning returned (for the window) that its optics cannot be checked."""
+    from autoalign.correction import LEGACY_UNITS, Correction, CorrectionError, read_correction
+
+    s = load_settings()
+    p = tmp_path / "c.yaml"
+    Correction({4: 0.1, 23: 0.2}).save_yaml(p, settings=s)
+    with pytest.raises(CorrectionError, match=r"c.yaml: key 'coefficients.23' = 0.2: Noll 23 is outside the "
+                       r"modes these settings correct .*: 1-22"):
+        read_correction(p, settings=s)
+    assert read_correction(p)[0].coefficients == {4: 0.1, 23: 0.2}   # no settings: Noll 1-36
+    old = tmp_path / "old.yaml"   # as autoalign wrote it before the format header
+    old.write_text(yaml.safe_dump({"units": LEGACY_UNITS, "coefficients": {2: 0.01, 5: 0.2, 8: -0.1},
+                                   "mask_offset": [0.01, 0.0], "saved": "2026-11-23T20:31:21+00:00"},
+                                  sort_keys=False))
+    corr, warnings = read_correction(old, settings=s)
+    assert corr == Correction({2: 0.01, 5: 0.2, 8: -0.1}, (0.01, 0.0))
+    assert len(warnings) == 1 and "old.yaml: records no optics" in warnings[0]
+    corr, warnings = read_correction(old)  # without settings: nothing to check against, no warning
+    assert warnings == []
 
 
 # ------------------------------------------------------------------------------------ poke calibration

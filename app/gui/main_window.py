@@ -860,6 +860,9 @@ class MainWindow(QtWidgets.QMainWindow):
             self.collect_progress.setFormat(f"{written} round(s) written")
         elif task == "set_corrector" and result:
             self.corrector = str(result)
+        elif task == "load_correction" and isinstance(result, dict) and result.get("warnings"):
+            self._message(QtWidgets.QMessageBox.Warning, "autoalign: correction loaded with a warning",
+                          "The correction was loaded and applied, but:\n\n" + "\n\n".join(result["warnings"]))
         elif task == "zero_slm":
             self.bars.set_values(correction={}, prediction={})
         elif task in ("acquire", "centre") and result is not None and self.now_state is not None:
@@ -873,6 +876,8 @@ class MainWindow(QtWidgets.QMainWindow):
             text = f"Auto-align: {str(result['stop_reason']).split(' (')[0]}"
         elif task == "collect" and isinstance(result, dict) and result.get("stop_reason"):
             text = f"Bead walk: {result['stop_reason']}"
+        elif task == "load_correction" and isinstance(result, dict) and result.get("warnings"):
+            text = f"Correction loaded; WARNING: {result['warnings'][0]}"
         elif result is None and task not in ("zero_slm", "save_correction"):
             text = f"{TASK_TITLES.get(task, task)}: stopped"
         self._status(text)

@@ -687,6 +687,7 @@ class ModeBarChart(pg.PlotWidget):
         self.modes: list[int] = []
         self.correction: dict[int, float] = {}
         self.prediction: dict[int, float] = {}
+        self.base_modes: list[int] = sorted({int(m) for m in modes})   # the rows always shown
         self.plotItem.addItem(pg.InfiniteLine(0.0, angle=90, pen=pg.mkPen((0, 0, 0, 120))))
         self.legend = legend_below(self.plotItem, columns=2)
         for colour, name in (((30, 100, 200), "correction"), ((230, 120, 20), "last prediction")):
@@ -707,11 +708,14 @@ class ModeBarChart(pg.PlotWidget):
             self.correction = {int(k): float(v) for k, v in correction.items()}
         if prediction is not None:
             self.prediction = {int(k): float(v) for k, v in prediction.items()}
-        extra = (set(self.correction) | set(self.prediction)) - set(self.modes)
+        # a mode beyond the configured rows gets a row while a value of it is shown, and loses it
+        # when none is (it never stays for the session)
+        extra = (set(self.correction) | set(self.prediction)) - set(self.base_modes)
         extra = {m for m in extra if m >= 2 and (abs(self.correction.get(m, 0)) > 1e-9
                                                  or abs(self.prediction.get(m, 0)) > 1e-9)}
-        if extra:
-            self.set_modes(list(self.modes) + sorted(extra))
+        rows = sorted(set(self.base_modes) | extra)
+        if rows != self.modes:
+            self.set_modes(rows)
         else:
             self._redraw()
 

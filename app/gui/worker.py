@@ -388,13 +388,18 @@ class AlignWorker(QtCore.QObject):
         return path
 
     def do_load_correction(self, path: str) -> Any:
-        from autoalign.correction import Correction
+        """Read and check the file first (format header, modes these settings correct, optics):
+        a refused file raises before anything reaches the SLM. Warnings (a file that cannot be
+        checked against the optics) go to the window, not only to the console."""
+        from autoalign.correction import read_correction
 
-        correction = Correction.load_yaml(path, settings=self.settings)  # refuses other optics
+        correction, warnings = read_correction(path, settings=self.settings)  # refuses before the SLM
+        for message in warnings:
+            self.log.emit(f"WARNING: {message}")
         self.loop.apply(correction)
         self.log.emit(f"Correction loaded from {path} and applied")
         self._image_current_state("load_correction")
-        return correction
+        return {"correction": correction, "warnings": list(warnings), "path": str(path)}
 
     def do_self_check(self, modes: list[int] | None = None,
                       amplitude_rad: float | None = None) -> Any:
