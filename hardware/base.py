@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoalign.recording import SectionScans
+
 
 class DeviceError(RuntimeError):
     """A device failed or is unusable. The message names the device and what went wrong."""
@@ -162,6 +164,24 @@ class SLM(Device):
     @abc.abstractmethod
     def phase_rad(self) -> np.ndarray:
         """The phase currently shown (radians, pupil grid, as given to :meth:`show`)."""
+
+
+class SectionScanner(Device):
+    """A scanning (STED / confocal) microscope that records the xy, xz and yz section scans of one
+    bead, per detection channel (a depletion and an excitation channel, say), as
+    :class:`autoalign.recording.SectionScans`: each scan with its own pixel sizes (µm), centre and
+    counts. Backends: ``hardware.recorded.RecordedScanner`` replays a recorded file; a live
+    backend (Imspector, say) implements the same two methods."""
+
+    @abc.abstractmethod
+    def channels(self) -> list[str]:
+        """Names of the channels :meth:`scan_sections` can record, in the instrument's order."""
+
+    @abc.abstractmethod
+    def scan_sections(self, channel: str | None = None) -> SectionScans:
+        """Record the section scans of the bead at the scan centre in ``channel`` (default: the
+        first of :meth:`channels`). Raises :class:`DeviceError` when the scan fails and
+        :class:`ValueError` for a channel the scanner does not have."""
 
 
 @dataclass(frozen=True)
