@@ -97,6 +97,32 @@ def atomic_writer(path: str | Path, mode: str = "w", encoding: str | None = "utf
         raise
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux:
+    ``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The permissions a new file gets from ``open()`` (0o666 less the umask, e.g. 0o644). A
+    ``tempfile.mkstemp`` file is 0o600: give it these before it becomes a user's file."""
+    return 0o666 & ~current_umask()
+
+
+def give_default_mode(path: str | Path) -> None:
+    """``chmod`` ``path`` to :func:`default_file_mode` (a temporary file about to take a new name)."""
+    os.chmod(path, default_file_mode())
+
+
 def _replace_with(tmp: str | Path, p: Path, keep_mode: bool) -> None:
     """Give the finished temporary file ``tmp`` the permissions of ``p`` (``keep_mode`` and ``p``
     exists) or the umask's defaults, then rename it onto ``p`` (atomic on one file system)."""
@@ -104,9 +130,7 @@ def _replace_with(tmp: str | Path, p: Path, keep_mode: bool) -> None:
         with contextlib.suppress(OSError):
             os.chmod(tmp, p.stat().st_mode & 0o7777)
     else:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_mode(tmp)
     os.replace(tmp, p)
 
 
@@ -278,4 +302,4 @@ def png_software(path: str | Path) -> str | None:
 
 __all__ = ["UserError", "FileSafetyError", "OverwriteRefused", "FileLocked", "refuse_overwrite", "check_writable",
            "atomic_writer", "atomic_path", "atomic_write_text", "atomic_write_bytes", "FileLock", "deferred_interrupt",
-           "user_data_dir", "png_software"]
+           "user_data_dir", "png_software", "current_umask", "default_file_mode", "give_default_mode"]

@@ -470,3 +470,36 @@ def test_mode_rows_follow_the_values_shown(qtbot):
     assert 30 in bars.modes
     bars.set_values(correction={5: 0.1}, prediction={})
     assert bars.modes == [2, 3, 4, 5, 6]
+
+
+def test_report_tells_one_corrector_and_before_is_the_first_history_point(qtbot, window, tmp_path):
+    """Issue 24 (9): the report's JSON names the corrector once (the loop's), its ``before`` is the
+    history's first point (not an earlier Acquire's stack), its files are 0644 like Save…'s and its
+    correction records the optics."""
+    import stat
+
+    import yaml
+
+    _need_model(window.settings)
+    w = window
+    assert w.acquire()                      # a stack before any history point
+    _wait_done(qtbot, w, "acquire")
+    assert w.set_corrector("model")
+    _wait_done(qtbot, w, "set_corrector")
+    assert w.correct_once()
+    _wait_done(qtbot, w, "correct_once")
+    assert not w.errors, w.errors
+    previous = os.umask(0o022)
+    try:
+        paths = w.save_report(tmp_path / "reports")
+    finally:
+        os.umask(previous)
+    data = json.loads(paths["json"].read_text())
+    assert data["corrector"] == "model" and "corrector" not in data["devices"]
+    index = data["before"]["history_index"]
+    first = data["history"]["null_depth"][index]
+    assert index == 0 and data["before"]["state"] == first["label"] == "before correction"
+    assert data["before"]["null_depth"] == pytest.approx(first["null_depth"])
+    assert "before correction" in w.before_after.before.text
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths.values()} == {0o644}
+    assert "optics" in yaml.safe_load(paths["correction"].read_text())

@@ -254,6 +254,37 @@ def test_report_files_never_overwrite(qtbot, tmp_path, settings):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_report_files_have_the_default_mode_and_the_correction_its_optics(qtbot, tmp_path, settings):
+    """Issue 24 (9): the report's files get the mode of any new file (0644 under umask 022, as
+    Save… writes), not the temporary file's 0600; its correction records the optics, so Load
+    correction can check it."""
+    import os
+    import stat
+
+    import yaml
+
+    from autoalign.app.gui.report import write_report
+    from autoalign.correction import Correction, read_correction
+
+    image = QtGui.QImage(40, 30, QtGui.QImage.Format_RGB32)
+    image.fill(QtGui.QColor("red"))
+    previous = os.umask(0o022)
+    try:
+        paths = write_report(tmp_path / "r", image, {"state": "x"}, Correction({5: 0.1}), base="r",
+                             settings=settings)
+        Correction({5: 0.1}).save_yaml(tmp_path / "saved.yaml", settings=settings)   # what Save… writes
+    finally:
+        os.umask(previous)
+    modes = {k: stat.S_IMODE(p.stat().st_mode) for k, p in paths.items()}
+    assert modes == {"png": 0o644, "json": 0o644, "correction": 0o644}, {k: oct(v) for k, v in modes.items()}
+    assert stat.S_IMODE((tmp_path / "saved.yaml").stat().st_mode) == 0o644
+    data = yaml.safe_load(paths["correction"].read_text())
+    assert data["optics"] == {"optics.numerical_aperture": settings.optics.numerical_aperture,
+                              "optics.wavelength_um": settings.optics.wavelength_um,
+                              "slm.pupil_radius_px": settings.slm.pupil_radius_px}
+    assert read_correction(paths["correction"], settings=settings)[1] == []   # checked, no warning
+
+
 # ------------------------------------------------------------------ window without devices
 @pytest.fixture
 def bare_window(qtbot, settings):

@@ -614,12 +614,15 @@ class MainWindow(QtWidgets.QMainWindow):
         corr = self.last_state.get("correction")
         hist = self.history
         ks = sorted(hist.true_residual)
+        devices = {k: v for k, v in (self.ready_info or {}).items() if k != "corrector"}  # one truth: below
         return {
             "state": self.slm_state,
             "metrics": _plain(self.state_metrics),
             "null_depth_floor": None if self.reference is None else
             float(self.reference.null_depth_floor),
             "diagnosis": self.diagnosis,
+            # the first state of the history (its first valid point, "history_index" in
+            # history.null_depth); before any point, the first imaged stack
             "before": _state_record(self.before_state),
             "now": _state_record(self.now_state),
             "history": {
@@ -631,7 +634,7 @@ class MainWindow(QtWidgets.QMainWindow):
             },
             "correction": None if corr is None else corr.to_dict(),
             "corrector": self.corrector,
-            "devices": _plain(self.ready_info or {}),
+            "devices": _plain(devices),
             "settings": settings_summary(self.settings),
         }
 
@@ -648,7 +651,7 @@ class MainWindow(QtWidgets.QMainWindow):
                 return None
         try:
             paths = write_report(folder, self.grab().toImage(), self.report_summary(),
-                                 self.last_state.get("correction"))
+                                 self.last_state.get("correction"), settings=self.settings)
         except Exception as exc:  # noqa: BLE001 - reported, the window lives on
             self.on_error("save_report", f"{type(exc).__name__}: {exc}")
             return None
@@ -732,12 +735,36 @@ class MainWindow(QtWidgets.QMainWindow):
             bits.append(f"true residual {true:.3f} rad")
         return f"{state}{' (on the SLM now)' if now else ''}: " + (", ".join(bits) or "no metrics")
 
+    def _first_state(self, sections: Any, state: str, metrics: dict, valid: bool,
+                     timestamp: float | None, current: bool = False) -> None:
+        """Make the 'before' state the one of the history's first valid point (the report's
+        ``before`` is then ``history.null_depth[history_index]``), replacing a first imaged stack
+        taken before any point, or a current-state point that a record has since replaced."""
+        index = len(self.history.points()) - 1
+        held = None if self.before_state is None else self.before_state.get("history_index")
+        replaced = held == index and bool(self.before_state.get("current")) and not current
+        if (held is not None and not replaced) or not valid or sections is None:
+            return
+        metrics = dict(metrics)
+        for key in ("true_residual_rms", "true_null_depth", "true_mask_offset"):
+            if f"{key}_measured" in metrics:   # the truth when the stack was taken, not after the correction
+                metrics[key] = metrics.pop(f"{key}_measured")
+        nd = metrics.get("null_depth")
+        self.before_state = {"sections": np.array(sections, dtype=float, copy=True), "state": state,
+                             "null_depth": float("nan") if nd is None else float(nd), "valid": True,
+                             "metrics": dict(metrics), "timestamp": float(timestamp or time.time()),
+                             "history_index": index, "current": current}
+        self._refresh_before_after()
+
     @QtCore.pyqtSlot(object)
     def on_iteration(self, r: Any) -> None:
         self._iterations_done += 1
         metrics = dict(getattr(r, "metrics", {}) or {})
         state = self.slm_state          # what was on the SLM when this record's stack was taken
         self.history.add(metrics, label=state)
+        m = getattr(r, "measurement", None)
+        self._first_state(getattr(m, "sections", None), state, metrics, bool(getattr(m, "valid", False)),
+                          getattr(m, "timestamp", None))
         corr = getattr(getattr(r, "correction", None), "coefficients", None)
         self.bars.set_values(correction=corr, prediction=getattr(r, "prediction", None) or {})
         # the stack of this record saw the state BEFORE its correction: its metrics only
@@ -771,6 +798,10 @@ class MainWindow(QtWidgets.QMainWindow):
         self.slm_state = names.get(event, self.slm_state)
         metrics = dict(info.get("metrics") or {})
         self.history.set_current(metrics, self.slm_state)
+        if self.now_state is not None:   # the stack just imaged is this state's
+            self._first_state(self.now_state.get("sections"), self.slm_state, metrics,
+                              bool(info.get("valid", True)) and bool(self.now_state.get("valid")),
+                              info.get("timestamp"), current=True)
         corr = info.get("correction")
         if corr is not None:
             self.bars.set_values(correction=corr.coefficients,
@@ -837,6 +868,8 @@ class MainWindow(QtWidgets.QMainWindow):
     @QtCore.pyqtSlot(object)
     def on_state(self, state: dict) -> None:
         self.last_state = dict(state or {})
+        if self.last_state.get("corrector"):
+            self.corrector = str(self.last_state["corrector"])
         corr = self.last_state.get("correction")
         if corr is not None and getattr(corr, "coefficients", None) is not None:
             self.bars.set_values(correction=corr.coefficients)
@@ -985,6 +1018,6 @@ def _state_record(state: dict | None) -> dict | None:
     if state is None:
         return None
     return _plain({"state": state.get("state"), "null_depth": state.get("null_depth"),
-                   "metrics": state.get("metrics") or {},
+                   "metrics": state.get("metrics") or {}, "history_index": state.get("history_index"),
                    "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                              time.gmtime(state.get("timestamp") or 0))})

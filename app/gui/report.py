@@ -34,11 +34,16 @@ def unique_stem(folder: str | Path, base: str, suffixes: tuple[str, ...] = SUFFI
 
 def write_new(path: Path, write: Callable[[Path], None]) -> None:
     """Write a NEW file: ``write(temporary path)`` in the same folder, then link it to ``path``
-    (``FileExistsError`` if ``path`` exists; the temporary file is always removed)."""
+    (``FileExistsError`` if ``path`` exists; the temporary file is always removed). The file gets
+    the permissions of any new file (0o666 less the umask, as *Save…* writes), not the temporary
+    file's 0o600."""
+    from autoalign.files import give_default_mode
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        give_default_mode(tmp)
         try:
             os.link(tmp, path)
         except FileExistsError:   # never replace a file (it is an OSError: re-raise first)
@@ -65,7 +70,8 @@ def settings_summary(settings: Any) -> dict[str, Any]:
                    "bead_diameter_um": c.bead_diameter_um, "exposure_ms": c.exposure_ms},
         "stack": {"planes": st.planes, "z_step_um": st.z_step_um},
         "loop": {"gain": lp.gain, "max_iterations": lp.max_iterations,
-                 "converged_rms_rad": lp.converged_rms_rad},
+                 "floor_margin": lp.floor_margin, "aligned_min_correlation": lp.aligned_min_correlation,
+                 "min_corrections": lp.min_corrections, "patience": lp.patience},
         "model": {"checkpoint": str(settings.model.checkpoint),
                   "architecture": settings.model.architecture,
                   "modes": list(settings.model.modes)},
@@ -76,11 +82,13 @@ def settings_summary(settings: Any) -> dict[str, Any]:
 
 
 def write_report(folder: str | Path, image: Any, summary: dict[str, Any], correction: Any,
-                 base: str | None = None) -> dict[str, Path]:
+                 base: str | None = None, settings: Any = None) -> dict[str, Path]:
     """Write the three report files into ``folder`` (created if missing) and return their paths
     ``{"png", "json", "correction"}``. ``image``: a ``QImage`` (or anything with
     ``save(path, "PNG") -> bool``); ``summary``: JSON-safe dict; ``correction``: an
-    :class:`autoalign.correction.Correction` (``None``: an empty one)."""
+    :class:`autoalign.correction.Correction` (``None``: an empty one); ``settings``: the settings
+    in use, whose optics the correction file records (as *Save…* does), so that *Load correction*
+    can check them."""
     from autoalign.correction import Correction
 
     folder = Path(folder)
@@ -108,7 +116,7 @@ def write_report(folder: str | Path, image: Any, summary: dict[str, Any], correc
         write_new(paths["json"], lambda tmp: tmp.write_text(
             json.dumps(data, indent=2, allow_nan=False), encoding="utf-8"))
         written.append(paths["json"])
-        write_new(paths["correction"], lambda tmp: correction.save_yaml(tmp))
+        write_new(paths["correction"], lambda tmp: correction.save_yaml(tmp, settings=settings))
         written.append(paths["correction"])
     except Exception:
         for p in written:   # no half report: the ones this call created go again

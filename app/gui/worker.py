@@ -206,6 +206,10 @@ class AlignWorker(QtCore.QObject):
             state["true_residual_rms"] = loop.true_residual_rms()
         except Exception:  # noqa: BLE001
             state["true_residual_rms"] = None
+        try:   # the corrector the loop uses: the one truth the window and the report show
+            state["corrector"] = str(loop.corrector)
+        except Exception:  # noqa: BLE001
+            pass
         try:
             state["history_length"] = len(loop.history)
         except Exception:  # noqa: BLE001
