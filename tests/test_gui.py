@@ -118,7 +118,9 @@ def test_auto_align_lowers_true_residual(qtbot, window, tmp_path):
         assert len(STATE.findall(line)) == 1, line
     # the floor for the bead (computed once) and the diagnosis slot
     assert w.reference is not None and w.history.floor == w.reference.null_depth_floor
-    assert w.results["run"]["stop_reason"] in w.history.diagnosis_label.text()
+    from autoalign.app.gui.text import display_text
+
+    assert display_text(w.results["run"]["stop_reason"]) in w.history.diagnosis_label.text()
     # before / after: the first imaged state and the current one
     ba = w.before_after
     assert "before correction" in ba.before.text and f"after iteration {n}" in ba.after.text
@@ -503,3 +505,43 @@ def test_report_tells_one_corrector_and_before_is_the_first_history_point(qtbot,
     assert "before correction" in w.before_after.before.text
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths.values()} == {0o644}
     assert "optics" in yaml.safe_load(paths["correction"].read_text())
+
+
+def test_log_and_texts_use_one_unit_and_one_numbering(qtbot, window, tmp_path):
+    """Issue 24 (10): null depths in percent throughout a sentence (log, diagnosis, status), µm
+    (never px beside µm), iterations numbered like the states ("iteration 1: applied" leads to
+    "after iteration 1"), the bead walk's rounds numbered like its bar, and Centre saying the
+    tip/tilt/defocus it applied (not "RMS 0.000 rad")."""
+    _need_model(window.settings)
+    w = window
+    assert w.set_corrector("model")
+    _wait_done(qtbot, w, "set_corrector")
+    before = dict(w.worker.loop.correction.coefficients)
+    assert w.centre()
+    _wait_done(qtbot, w, "centre")
+    after = dict(w.worker.loop.correction.coefficients)
+    change = sum((after.get(j, 0.0) - before.get(j, 0.0)) ** 2 for j in (2, 3, 4)) ** 0.5
+    centre_lines = [ln for ln in w.log.lines if "Centre: tip/tilt/defocus" in ln]
+    assert change > 1e-3    # the simulated bead is off focus: Centre applies tip/tilt/defocus
+    assert centre_lines and f"({change:.2f} rad RMS)" in centre_lines[-1], centre_lines
+    assert not any("applied correction: RMS" in ln for ln in w.log.lines)
+    assert w.auto_align(iterations=2, gain=1.0)
+    _wait_done(qtbot, w, "run")
+    assert not w.errors, w.errors
+    assert w.start_collection(path=str(tmp_path / "walk.h5"), rounds=2, random_aberration_rms=0.0)
+    _wait_done(qtbot, w, "collect")
+    assert not w.errors, w.errors
+    text = [ln.split("  ", 1)[1] for ln in w.log.lines]
+    fraction = re.compile(r"\b(null(?: depth)?|floor) 0\.\d+(?![\d.]*\s*%)")
+    for line in text + [w.history.diagnosis_label.text(), w.status_state.toolTip(), w.status_metrics.toolTip()]:
+        assert not fraction.search(line), line
+        assert not re.search(r"\d\)? um\b", line) and " px" not in line, line
+    # the loop's own 0-based line is not shown; the window's numbering matches its states
+    assert not any(re.match(r"iteration 0: ", ln) for ln in text)
+    decisions = [i for i, ln in enumerate(text) if re.match(r"iteration 1: applied", ln)]
+    assert decisions, text
+    following = [ln for ln in text[decisions[0] + 1:] if STATE.match(ln)]
+    assert following and following[0].startswith("after iteration 1"), following[:2]
+    rounds = [ln for ln in text if ln.startswith("bead walk round")]
+    assert [ln.split(":")[0] for ln in rounds] == ["bead walk round 1/2", "bead walk round 2/2"], rounds
+    assert w.collect_progress.value() == 2

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PyQt5 import QtCore, QtGui, QtWidgets
 
+from autoalign.app.gui.text import LOOP_ITERATION_LINE, display_text
 from autoalign.app.gui.widgets import (BeforeAfterView, HistoryPlots, LogPanel, ModeBarChart,
                                        OrthoSectionsView, PhaseView)
 from autoalign.app.gui.worker import AlignWorker
@@ -134,7 +135,7 @@ class MainWindow(QtWidgets.QMainWindow):
         self.worker.moveToThread(self.thread)
         self.request.connect(self.worker.execute, QtCore.Qt.QueuedConnection)
         w = self.worker
-        w.log.connect(self.log.add)
+        w.log.connect(self.on_worker_log)
         w.measurement.connect(self.on_measurement)
         w.iteration.connect(self.on_iteration)
         w.progress.connect(self.on_progress)
@@ -666,6 +667,15 @@ class MainWindow(QtWidgets.QMainWindow):
         self.status_state.setText(text if len(text) <= limit else text[: limit - 1] + "…")
 
     # ------------------------------------------------------------------ worker signals
+    @QtCore.pyqtSlot(str)
+    def on_worker_log(self, message: str) -> None:
+        """A line from the worker or the loop, worded like the window's own (null depths in %,
+        µm); the loop's per-iteration decision line is written by :meth:`on_iteration` instead,
+        numbered like the states."""
+        if LOOP_ITERATION_LINE.match(str(message)):
+            return
+        self.log.add(display_text(message))
+
     @QtCore.pyqtSlot(object)
     def on_ready(self, info: dict) -> None:
         self.ready_info = dict(info or {})
@@ -780,6 +790,8 @@ class MainWindow(QtWidgets.QMainWindow):
         if photons is not None and np.isfinite(photons):
             line += f", {photons:.3g} photons"
         self.log.add(line)
+        # the decision on that stack, numbered like the states: iteration k leads to "after iteration k"
+        self.log.add(f"iteration {self._iterations_done}: {display_text(str(getattr(r, 'decision', '')))}")
         self._show_state(state, seen)
         if applied:
             self.slm_state = self.state_name(self._iterations_done)
@@ -913,7 +925,7 @@ class MainWindow(QtWidgets.QMainWindow):
             text = f"Correction loaded; WARNING: {result['warnings'][0]}"
         elif result is None and task not in ("zero_slm", "save_correction"):
             text = f"{TASK_TITLES.get(task, task)}: stopped"
-        self._status(text)
+        self._status(display_text(text))
         self.task_finished.emit(task, result)
 
     def set_diagnosis(self, result: dict | str) -> None:
@@ -938,7 +950,7 @@ class MainWindow(QtWidgets.QMainWindow):
                          "it)")
             parts.append(f"null {100 * nd:.3g} % = {ratio:.2g} × the bead floor "
                          f"{100 * self.reference.null_depth_floor:.2g} %{where}")
-        self.diagnosis = "; ".join(p for p in parts if p)
+        self.diagnosis = display_text("; ".join(p for p in parts if p))   # null depths in % throughout
         self.history.set_diagnosis(self.diagnosis)
 
     @QtCore.pyqtSlot(str, str)

@@ -312,18 +312,24 @@ class AlignWorker(QtCore.QObject):
         return m
 
     def do_centre(self) -> Any:
+        from autoalign.app.gui.text import tip_tilt_defocus_text
+
+        before = dict(self.loop.correction.coefficients)
         m = self.loop.centre()
         self._report_measurement(m)
+        if getattr(m, "valid", True):
+            self.log.emit(f"Centre: {tip_tilt_defocus_text(before, self.loop.correction.coefficients)}")
         return m
 
     def _report_measurement(self, m: Any) -> None:
         valid = getattr(m, "valid", True)
         reason = getattr(m, "reason", "")
         photons = getattr(m, "photons", float("nan"))
-        c = getattr(m, "centroid", None)
+        offset = getattr(m, "offset_um", None)   # µm, like the stage moves the loop logs
         where = ""
-        if c is not None:
-            where = f", centre of mass ({c.x_px:+.2f}, {c.y_px:+.2f}, {c.z_px:+.2f}) px"
+        if getattr(m, "centroid", None) is not None and offset is not None and len(offset) == 3:
+            where = (f", centre of mass ({offset[0]:+.3f}, {offset[1]:+.3f}, {offset[2]:+.3f}) µm from the "
+                     "ROI centre (x, y, z)")
         self.log.emit(
             f"Stack: {'valid' if valid else 'INVALID (' + str(reason) + ')'}, "
             f"{photons:.3g} photons{where}"
