@@ -235,3 +235,33 @@ def test_report_table_says_its_null_is_noise_free_without_the_bead(tmp_path, mon
     header = out.splitlines()[0]
     assert "beam null" in header
     assert "NOISE-FREE and WITHOUT the bead" in out
+
+
+def test_gui_names_the_missing_xcb_libraries_before_qt(monkeypatch, capsys):
+    """Issue 24 (16): on a minimal Debian Qt's xcb plugin lacks libxcb-icccm4, libxcb-keysyms1 and
+    libxcb-xinerama0 and Qt only says "Could not load the Qt platform plugin xcb": `autoalign gui`
+    checks first (QT_QPA_PLATFORM unset or xcb, a DISPLAY) and says in one line what to install,
+    before any QApplication exists."""
+    import sys
+
+    gui = pytest.importorskip("autoalign.app.gui")
+    missing = {"libxcb-icccm.so.4", "libxcb-keysyms.so.1", "libxcb-xinerama.so.0"}
+
+    def reached(*_a, **_k):
+        raise AssertionError("the QApplication was about to be created")
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(gui, "_loadable", lambda soname: soname not in missing)
+    monkeypatch.setattr(gui, "enable_high_dpi", reached)
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    assert main(["gui", "--sim"]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if not re.match(r"autoalign gui: settings /", ln)]
+    assert len(lines) == 1, lines
+    assert "libxcb-icccm.so.4, libxcb-keysyms.so.1, libxcb-xinerama.so.0" in lines[0]
+    assert "sudo apt-get install libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0" in lines[0]
+    # another platform, no display, or nothing missing: no complaint
+    assert gui.qt_xcb_problem({"DISPLAY": ":0", "QT_QPA_PLATFORM": "offscreen"}) is None
+    assert gui.qt_xcb_problem({"QT_QPA_PLATFORM": "xcb"}) is None
+    assert gui.qt_xcb_problem({"DISPLAY": ":0", "QT_QPA_PLATFORM": "xcb"}, loadable=lambda s: True) is None
+    assert "libxcb-icccm4" in gui.qt_xcb_problem({"DISPLAY": ":0", "QT_QPA_PLATFORM": "xcb"})

@@ -22,6 +22,62 @@ def ensure_qt_platform(headless: bool) -> None:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
 
+#: The shared libraries Qt's xcb platform plugin (the PyQt5 wheel's ``libqxcb.so`` and
+#: ``libQt5XcbQpa``) loads, with the Debian/Ubuntu package of each. A minimal Debian lacks
+#: some (typically libxcb-icccm4, libxcb-keysyms1, libxcb-xinerama0), and Qt then only says
+#: "Could not load the Qt platform plugin xcb".
+QT_XCB_LIBRARIES = (
+    ("libxcb.so.1", "libxcb1"), ("libX11-xcb.so.1", "libx11-xcb1"), ("libX11.so.6", "libx11-6"),
+    ("libxcb-icccm.so.4", "libxcb-icccm4"), ("libxcb-image.so.0", "libxcb-image0"),
+    ("libxcb-keysyms.so.1", "libxcb-keysyms1"), ("libxcb-randr.so.0", "libxcb-randr0"),
+    ("libxcb-render-util.so.0", "libxcb-render-util0"), ("libxcb-render.so.0", "libxcb-render0"),
+    ("libxcb-shape.so.0", "libxcb-shape0"), ("libxcb-shm.so.0", "libxcb-shm0"),
+    ("libxcb-sync.so.1", "libxcb-sync1"), ("libxcb-xfixes.so.0", "libxcb-xfixes0"),
+    ("libxcb-xinerama.so.0", "libxcb-xinerama0"), ("libxcb-xkb.so.1", "libxcb-xkb1"),
+    ("libxcb-util.so.1", "libxcb-util1"), ("libxkbcommon.so.0", "libxkbcommon0"),
+    ("libxkbcommon-x11.so.0", "libxkbcommon-x11-0"), ("libfontconfig.so.1", "libfontconfig1"),
+    ("libGL.so.1", "libgl1"), ("libdbus-1.so.3", "libdbus-1-3"),
+)
+
+
+def _loadable(soname: str) -> bool:
+    """Whether the dynamic loader finds ``soname`` (and what it needs): ``dlopen`` searches as
+    Qt's plugin loader will (``LD_LIBRARY_PATH``, the ``ldconfig`` cache, the system folders)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(soname)
+    except OSError:
+        return False
+    return True
+
+
+def missing_qt_xcb_libraries(loadable: Any = None) -> list[tuple[str, str]]:
+    """``(soname, Debian package)`` of each :data:`QT_XCB_LIBRARIES` entry that cannot be loaded."""
+    loadable = loadable or _loadable
+    return [(lib, pkg) for lib, pkg in QT_XCB_LIBRARIES if not loadable(lib)]
+
+
+def qt_xcb_problem(environ: Any = None, loadable: Any = None) -> str | None:
+    """On Linux, when Qt will use its xcb plugin (``QT_QPA_PLATFORM`` unset or ``xcb``, and a
+    ``DISPLAY``), the one line saying which libraries it lacks and which packages to install; None
+    when nothing is missing or another platform is used. Call it before the ``QApplication``."""
+    env = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux"):
+        return None
+    platform = (env.get("QT_QPA_PLATFORM") or "").strip()
+    if platform not in ("", "xcb") or not env.get("DISPLAY"):
+        return None
+    missing = missing_qt_xcb_libraries(loadable)
+    if not missing:
+        return None
+    libs = ", ".join(lib for lib, _ in missing)
+    packages = " ".join(pkg for _, pkg in missing)
+    return (f"the window cannot open on the X display {env.get('DISPLAY')}: Qt's xcb platform plugin needs "
+            f"{libs}, not installed here; install them (Debian/Ubuntu) with 'sudo apt-get install {packages}', "
+            "or run headless with QT_QPA_PLATFORM=offscreen")
+
+
 def enable_high_dpi() -> None:
     """Scale the window with the screen (4K, fractional scaling): Qt's high-DPI attributes, which
     must be set before the ``QApplication`` exists (does nothing once it does)."""
@@ -66,6 +122,10 @@ def run_app(settings: Any, screenshot: str | None = None, auto_align: int = 0,
     ``corrector``: ``"refined"``, ``"model"`` (the CNN) or ``"modal"`` (the classical baseline) to
     start with (None: ``settings.loop.corrector``)."""
     ensure_qt_platform(headless=screenshot is not None)
+    problem = qt_xcb_problem()   # before any QApplication: Qt's own message names no library
+    if problem:
+        print(f"autoalign gui: {problem}", file=sys.stderr)
+        return 1
     from PyQt5 import QtCore, QtWidgets
 
     from autoalign.app.gui.main_window import MainWindow
@@ -148,4 +208,4 @@ def _screenshot_mode(app: Any, window: Any, screenshot: str, auto_align: int,
 
 
 __all__ = ["run_app", "simulated_settings", "ensure_qt_platform", "install_excepthook",
-           "enable_high_dpi"]
+           "enable_high_dpi", "qt_xcb_problem", "missing_qt_xcb_libraries", "QT_XCB_LIBRARIES"]
