@@ -35,7 +35,8 @@ COMMAND_MODULES = [
     "evaluate",
     "align",       # closed loop, headless
     "collect",     # bead-walk data collection
-    "calibrate",   # poke calibration and convention self-check
+    "calibrate",   # poke calibration, convention self-check, instrument calibration from beads
+    "analyse",     # analyse a recorded measurement (TIFF, OME-TIFF, .obf/.msr, HDF5)
     "gui",
     "settings",    # write a copy of the default settings / show the settings in use
 ]

@@ -20,8 +20,10 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("calibrate", help="poke calibration and convention self-check", description=__doc__)
     add_settings_argument(p)
-    p.add_argument("what", choices=["poke", "selfcheck", "both"], nargs="?", default="both",
-                   help="what to run (default both)")
+    p.add_argument("what", choices=["poke", "selfcheck", "both", "instrument"], nargs="?", default="both",
+                   help="what to run (default both: poke and selfcheck); instrument: fit the instrument's optics to "
+                   "the bead stacks FILE... (see 'Instrument calibration' below)")
+    p.add_argument("files", nargs="*", metavar="FILE", help="bead z-stacks for 'calibrate instrument'")
     p.add_argument("--backend", choices=["sim", "micromanager"], default=None,
                    help="sim: the simulated microscope; micromanager: real devices (default: the settings' "
                    "hardware.backend)")
@@ -40,6 +42,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--modes", type=positive_int, nargs="*", default=None, metavar="NOLL",
                    help="self-check modes, Noll indices >= 1 (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from autoalign.app.commands.analyse import add_optics_arguments
+    from autoalign.app.commands.calibrate_instrument import add_arguments
+
+    inst = p.add_argument_group("instrument calibration ('calibrate instrument FILE...'; --out: the instrument file, "
+                                "default ./instrument.yaml)")
+    add_arguments(inst)
+    add_optics_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -51,6 +60,14 @@ class _DropTable(logging.Filter):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "instrument":
+        from autoalign.app.commands.calibrate_instrument import run_instrument
+
+        return run_instrument(args)
+    if args.files:
+        from autoalign.files import UserError
+
+        raise UserError(f"calibrate {args.what}: takes no files (did you mean 'calibrate instrument {args.files[0]}'?)")
     from autoalign.app.estimators import make_estimator
     from autoalign.app.cli import cli_path, device_settings
     from autoalign.app.loop import AlignmentLoop
