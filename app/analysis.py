@@ -15,7 +15,7 @@ For each z-stack of a recording (:func:`autoalign.hardware.recorded.read_recordi
    the residual is), whether the sigma covers the disagreement.
 
 Section scans (:class:`autoalign.recording.SectionScans`, a scanning STED microscope's xy/xz/yz)
-are fitted by :func:`calibration.psf_fit.fit_sections`; the networks read them resampled onto
+are fitted by :func:`calibration.section_fit.fit_sections`; the networks read them resampled onto
 their grid (:mod:`calibration.resample`) when the beam is the one they were trained for.
 """
 from __future__ import annotations
@@ -238,7 +238,7 @@ def analyse_scans(scans: Any, instrument: Instrument, beam: str,
     ``summary`` lines; :func:`app.analysis_report.write_sections_report` draws it)."""
     import torch
 
-    from autoalign.calibration.psf_fit import fit_sections
+    from autoalign.calibration.section_fit import fit_sections
     from autoalign.settings import load_settings
 
     settings = settings or load_settings(None)
@@ -257,7 +257,7 @@ def analyse_scans(scans: Any, instrument: Instrument, beam: str,
     }
     # how much the confocal detection matters: the illumination alone, best scaled, against the fit
     if confocal:
-        from autoalign.calibration.psf_fit import _SectionProblem
+        from autoalign.calibration.section_fit import _SectionProblem
 
         problem = _SectionProblem(scans, instrument, beam, sorted(fit.coefficients), False)
         theta = torch.zeros(len(problem.names), dtype=torch.float64)
