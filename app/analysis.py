@@ -168,10 +168,10 @@ def analyse_stack(stack: ZStack, instrument: Instrument, camera: CameraCounts, o
             progress("phase retrieval (Gerchberg-Saxton over defocus, independent of the fit)")
         electrons = (np.asarray(stack.data, dtype=float) - camera.offset_adu) * camera.electrons_per_adu
         sf = fit.stacks[0]
-        zc = sf.bead_um[2]
+        # the same planes (relative to the bead's focus) and the instrument's effective NA as the fit
         r = retrieve_pupil(electrons, stack.z_um, stack.pixel_um, instrument.numerical_aperture,
                            instrument.immersion_index, instrument.wavelength_um, n_modes=options.max_noll,
-                           z_range_um=(zc - options.z_range_um, zc + options.z_range_um),
+                           z_range_um=(-options.z_range_um, options.z_range_um), window_px=96,
                            polarisation="unpolarised" if instrument.polarisation == "unpolarised"
                            else instrument.polarisation)
         analysis.retrieval = r

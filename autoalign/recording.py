@@ -25,11 +25,18 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Provenance", "ZStack", "SectionScan", "SectionScans", "Image2D", "Recording", "Units"]
+from autoalign.files import UserError
+
+__all__ = ["MeasurementError", "Provenance", "ZStack", "SectionScan", "SectionScans", "Image2D", "Recording", "Units"]
 
 Units = Literal["adu", "counts", "photons"]
 """``adu``: camera grey levels (offset and gain apply); ``counts``: detected photon counts of a
 point detector (no offset, gain 1); ``photons``: already converted."""
+
+
+class MeasurementError(UserError, ValueError):
+    """A measurement that cannot be analysed (no bead, NaN, too few planes, ...): the message names
+    the measurement and what was found."""
 
 
 @dataclass(frozen=True)

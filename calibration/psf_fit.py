@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from autoalign.calibration.refine import structure_test
-from autoalign.recording import ZStack
+from autoalign.recording import MeasurementError, ZStack
 from autoalign.simulation.instrument import Instrument, InstrumentPSF
 
 __all__ = ["CameraCounts", "FitOptions", "StackFit", "JointFit", "fit_stacks", "prepare_stack",
@@ -227,20 +227,20 @@ def prepare_stack(stack: ZStack, camera: CameraCounts, options: FitOptions, inst
     ``ValueError`` naming the stack when there is no bead signal or the crop does not fit."""
     data = np.asarray(stack.data, dtype=float)
     if not np.all(np.isfinite(data)):
-        raise ValueError(f"stack {stack.name!r}: contains NaN or infinite values")
+        raise MeasurementError(f"stack {stack.name!r}: contains NaN or infinite values")
     electrons = (data - camera.offset_adu) * camera.electrons_per_adu
     bg = float(np.median(electrons))
     noise = float(np.median(np.abs(electrons - bg))) * 1.4826 + 1e-9
     z0, y0, x0 = _bead_peak(electrons)
     if electrons[z0, y0, x0] - bg < 10 * max(noise, math.sqrt(max(bg, 1.0))):
-        raise ValueError(f"stack {stack.name!r}: no bead (peak {electrons[z0, y0, x0] - bg:.1f} e above the "
+        raise MeasurementError(f"stack {stack.name!r}: no bead (peak {electrons[z0, y0, x0] - bg:.1f} e above the "
                          f"background {bg:.1f} e, noise {noise:.1f} e)")
     pixel = stack.pixel_um
     z = stack.z_um
     use = np.flatnonzero(np.abs(z - z[z0]) <= options.z_range_um + 1e-9)
     use = use[(use - z0) % options.plane_step == 0]
     if len(use) < 3:
-        raise ValueError(f"stack {stack.name!r}: only {len(use)} planes within {options.z_range_um} µm of the "
+        raise MeasurementError(f"stack {stack.name!r}: only {len(use)} planes within {options.z_range_um} µm of the "
                          "bead's focus; need at least 3 (z step too large or range too small)")
     ny, nx = data.shape[1:]
     if options.crop_px is None:

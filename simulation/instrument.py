@@ -93,11 +93,16 @@ class Instrument:
     pixel_scale : true pixel size / nominal pixel size
     drift_per_um : (dx/dz, dy/dz) lateral drift of the focus per µm of focus travel
     polarisation : ``unpolarised`` (widefield fluorescence), or the input polarisation
+    bandwidth_um : FWHM of the detected spectrum (fluorescence emission through its filter), µm;
+        the image is the spectrum-weighted sum of the PSFs (3-point Gauss-Hermite rule), the
+        aberration's optical path fixed (its phase scales as lambda_0 / lambda); 0: monochromatic
     bead_diameter_um : the bead's diameter (a sphere), µm
     detection : ``widefield`` (camera) or ``confocal`` (a point detector behind a pinhole)
     pinhole_au : pinhole diameter in Airy units (confocal)
     source : what this instrument was measured from (file names), in words
     uncertainty : one-sigma uncertainty of each fitted parameter (same names as the fields)
+    nominal : the nominal optics the calibration started from ({"numerical_aperture", "immersion_index",
+        "wavelength_um"}): a measurement analysed with this instrument must have been taken with them
     """
 
     numerical_aperture: float = 1.4
@@ -112,11 +117,13 @@ class Instrument:
     pixel_scale: float = 1.0
     drift_per_um: tuple[float, float] = (0.0, 0.0)
     polarisation: Polarisation = "unpolarised"
+    bandwidth_um: float = 0.0
     bead_diameter_um: float = 0.0
     detection: Literal["widefield", "confocal"] = "widefield"
     pinhole_au: float = 1.0
     source: str = ""
     uncertainty: Mapping[str, float] = field(default_factory=dict)
+    nominal: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -127,6 +134,7 @@ class Instrument:
             ("pixel_scale", 0.5 < self.pixel_scale < 2.0, "between 0.5 and 2"),
             ("bead_diameter_um", 0 <= self.bead_diameter_um < 5.0, "between 0 and 5 µm"),
             ("pinhole_au", self.pinhole_au > 0, "> 0"),
+            ("bandwidth_um", 0 <= self.bandwidth_um < 0.5 * self.wavelength_um, "between 0 and half the wavelength"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -144,6 +152,7 @@ class Instrument:
         d["drift_per_um"] = [float(v) for v in self.drift_per_um]
         d["fill_factor"] = None if math.isinf(self.fill_factor) else float(self.fill_factor)
         d["uncertainty"] = {k: float(v) for k, v in dict(self.uncertainty).items()}
+        d["nominal"] = {k: float(v) for k, v in dict(self.nominal).items()}
         return {"format": INSTRUMENT_FORMAT, "version": INSTRUMENT_VERSION, "instrument": d}
 
     def save(self, path: str | Path) -> Path:
@@ -220,6 +229,18 @@ class Instrument:
             elif k in self.__dataclass_fields__:
                 kw[k] = float(v)
         return replace(self, decentration=(dec[0], dec[1]), drift_per_um=(drift[0], drift[1]), **kw)
+
+    def nominal_mismatch(self, numerical_aperture: float | None = None, immersion_index: float | None = None,
+                         wavelength_um: float | None = None) -> list[str]:
+        """The nominal optics given that differ from those this instrument was calibrated from
+        (an empty list when they agree or the instrument records none)."""
+        out = []
+        for key, value in (("numerical_aperture", numerical_aperture), ("immersion_index", immersion_index),
+                           ("wavelength_um", wavelength_um)):
+            ref = dict(self.nominal).get(key)
+            if value is not None and ref is not None and not math.isclose(float(value), float(ref), rel_tol=1e-6):
+                out.append(f"{key} {value:g} (calibrated from {ref:g})")
+        return out
 
     def flat(self) -> dict[str, float]:
         """The fittable parameters by flat name (see :data:`PARAMETER_UNITS`)."""
@@ -337,8 +358,27 @@ class InstrumentPSF:
             states, scale = [input_jones(self.u, self.v, ins.polarisation)], 1.0
         return [debye_pupil_field(self.u, self.v, na, n, j) * (self.w * scale) for j in states]
 
+    def _spectral(self, p: Mapping[str, torch.Tensor], z_um: torch.Tensor, coefficients: torch.Tensor,
+                  xs_um: torch.Tensor | None, ys_um: torch.Tensor | None) -> torch.Tensor:
+        """Intensity per µm^2 (normalised per wavelength), summed over the detected spectrum."""
+        ins = self.instrument
+        lam0 = ins.wavelength_um
+        if ins.bandwidth_um <= 0:
+            inten, norm = self._fields_on(p, z_um, coefficients, xs_um, ys_um, lam0)
+            return inten * norm
+        sigma = ins.bandwidth_um / (2 * math.sqrt(2 * math.log(2)))
+        total = None
+        for offset, weight in ((-math.sqrt(3), 1 / 6), (0.0, 2 / 3), (math.sqrt(3), 1 / 6)):
+            lam = lam0 + offset * sigma
+            inten, norm = self._fields_on(p, z_um, coefficients * (lam0 / lam), xs_um, ys_um, lam)
+            part = inten * (norm * weight)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
     def _fields_on(self, p: Mapping[str, torch.Tensor], z_um: torch.Tensor, coefficients: torch.Tensor,
-                   xs_um: torch.Tensor | None, ys_um: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   xs_um: torch.Tensor | None, ys_um: torch.Tensor | None,
+                   wavelength_um: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """|E|^2 summed over components and polarisation states, (K, len(ys), len(xs)), on the
         separable grid ``xs_um`` x ``ys_um`` (µm from the origin; None: this model's fine grid at
         the pixel scale), and the normalisation factor (per µm^2) that makes an unaberrated plane
@@ -357,7 +397,7 @@ class InstrumentPSF:
         ps = val("pixel_scale", ins.pixel_scale)
         gx, gy = val("drift_x_per_um", ins.drift_per_um[0]), val("drift_y_per_um", ins.drift_per_um[1])
         bx, by, bz = val("bead_x_um", 0.0), val("bead_y_um", 0.0), val("bead_z_um", 0.0)
-        lam, n = ins.wavelength_um, ins.immersion_index
+        lam, n = (ins.wavelength_um if wavelength_um is None else wavelength_um), ins.immersion_index
         kappa = 2 * math.pi * na / lam
         sin_t = self.rho * na / n
         cos_t = torch.sqrt(torch.clamp(1 - sin_t * sin_t, min=1e-9))
@@ -404,8 +444,7 @@ class InstrumentPSF:
         """Point-sampled intensity (K, len(ys), len(xs)) per µm^2 (an unaberrated plane integrates
         to 1) on any separable grid: section scans (an xz section is K planes with one y) of a
         point detector, without pixel integration or bead blur (see :meth:`planes`)."""
-        inten, norm = self._fields_on(p, z_um, coefficients, xs_um, ys_um)
-        return inten * norm
+        return self._spectral(p, z_um, coefficients, xs_um, ys_um)
 
     def planes(self, p: Mapping[str, torch.Tensor], z_um: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
         """Camera planes (K, n_px, n_px): the intensity integrated over each pixel and blurred by
@@ -424,9 +463,8 @@ class InstrumentPSF:
         ps = p["pixel_scale"].to(rd) if "pixel_scale" in p else torch.as_tensor(ins.pixel_scale, dtype=rd)
         diam = p["bead_diameter_um"].to(rd) if "bead_diameter_um" in p else torch.as_tensor(
             ins.bead_diameter_um, dtype=rd)
-        inten, norm = self._fields_on(p, z_um, coefficients, None, None)
         pix = self.pixel_um * ps
-        inten = inten * (norm * pix * pix)  # photons per coarse pixel area at each sample
+        inten = self._spectral(p, z_um, coefficients, None, None) * (pix * pix)  # photons per coarse pixel area at each sample
         # pixel integration (the box of one coarse pixel) and the bead: transfer functions on the
         # fine grid, frequencies in cycles per coarse pixel; exact for the band-limited intensity
         spec = torch.fft.rfft2(inten)

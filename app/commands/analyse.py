@@ -74,30 +74,45 @@ def optics_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     from autoalign.app.cli import cli_path
 
+    from autoalign.app.commands.calibrate_instrument import DEFAULT_INSTRUMENT_FILE
+    from autoalign.files import UserError
+
     settings = load_settings(args.settings)
     said: list[str] = []
-    if args.instrument:
-        ins = Instrument.load(cli_path(args.instrument) or "")
-        said.append(f"instrument: {args.instrument} (NA {ins.numerical_aperture:.4f}, axial scale "
+    flags = {"numerical_aperture": args.na, "immersion_index": args.immersion_index, "wavelength_um": args.wavelength_um}
+    path = args.instrument
+    if path is None and Path(DEFAULT_INSTRUMENT_FILE).is_file():  # the calibration of this folder, if it fits
+        found = Instrument.load(DEFAULT_INSTRUMENT_FILE)
+        if not found.nominal_mismatch(**flags):
+            path = DEFAULT_INSTRUMENT_FILE
+            said.append(f"instrument: ./{DEFAULT_INSTRUMENT_FILE} found (calibrated from {found.source or 'beads'}; "
+                        "pass --instrument to choose another)")
+    if path:
+        ins = Instrument.load(cli_path(path) or "")
+        wrong = ins.nominal_mismatch(**flags)
+        if wrong:
+            raise UserError(f"{path}: this instrument was calibrated for other optics than the flags say: "
+                            + "; ".join(wrong) + " (recalibrate, or drop the flags)")
+        said.append(f"instrument: {path} (NA {ins.numerical_aperture:.4f}, axial scale "
                     f"{ins.axial_scale:.4f}, bead {1000 * ins.bead_diameter_um:.0f} nm)")
         if ins.source == "":
-            ins = replace(ins, source=str(args.instrument))
+            ins = replace(ins, source=str(path))
+        flags = {}
     else:
         ins = Instrument.from_settings(settings)
-        said.append("instrument: nominal (no --instrument: an ideal pupil at the NA given)")
-    over: dict[str, Any] = {}
-    for flag, key in (("na", "numerical_aperture"), ("immersion_index", "immersion_index"),
-                      ("wavelength_um", "wavelength_um"), ("bead_diameter_um", "bead_diameter_um"),
-                      ("polarisation", "polarisation")):
+        said.append("instrument: nominal (no instrument file: an ideal pupil at the NA given; "
+                    "'autoalign calibrate instrument' measures yours)")
+    over: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    for flag, key in (("bead_diameter_um", "bead_diameter_um"), ("polarisation", "polarisation")):
         value = getattr(args, flag)
         if value is not None:
             over[key] = value
     beam = args.beam or settings.optics.beam
-    if args.polarisation is None and beam == "none" and not args.instrument:
+    if args.polarisation is None and beam == "none" and not path:
         over["polarisation"] = "unpolarised"
     ins = replace(ins, **over) if over else ins
-    src = lambda flag, key: "flag" if getattr(args, flag) is not None else (  # noqa: E731
-        "instrument file" if args.instrument else "settings optics." + key)
+    src = lambda flag, key: "instrument file" if path else (  # noqa: E731
+        "flag" if getattr(args, flag) is not None else "settings optics." + key)
     said.append(f"optics: NA {ins.numerical_aperture:g} ({src('na', 'numerical_aperture')}), immersion "
                 f"{ins.immersion_index:g} ({src('immersion_index', 'immersion_index')}), wavelength "
                 f"{ins.wavelength_um:g} µm ({src('wavelength_um', 'wavelength_um')}), beam {beam} "
