@@ -104,6 +104,11 @@ class Estimator(ABC):
     def prepare(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Load what :meth:`estimate` needs (weights, references); raise when that is impossible."""
 
+    def reset(self) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Called by the loop at the start of every run: forget what earlier runs taught it (warm
+        starts, trust regions, scan phase), so that a run depends only on the devices and the
+        settings. Caches of pure functions of the settings may stay."""
+
     @abstractmethod
     def estimate(self, measurement: MeasurementLike) -> Estimate:
         """The aberration present in a VALID measurement. May raise; the loop then refuses."""

@@ -189,6 +189,16 @@ class RefinedEstimator(Estimator):
     def prepare(self) -> None:
         self.network.prepare()
 
+    def reset(self) -> None:
+        """A new run: forget the last fit and the misregistration it found (the warm start of the
+        offset when the network does not read it), so that a run with the same devices and
+        settings gives the same numbers whatever ran before on this estimator."""
+        self.last_result = None
+        self._misregistration = (0.0, 0.0)
+        reset = getattr(self.network, "reset", None)
+        if callable(reset):
+            reset()
+
     def fit_options(self) -> RefineOptions:
         """The :class:`RefineOptions` of the fit (``options`` given, else the ``refine:`` settings)."""
         return self.options if self.options is not None else refine_options(self.settings, self.modes)
