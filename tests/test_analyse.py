@@ -25,8 +25,7 @@ SIM_FLAGS = ["--na", "1.0", "--immersion-index", "1.33", "--wavelength-um", "0.5
 
 
 def _sim_tiff(path: Path, aberration: dict[int, float]) -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_psf_fit import simulated_stack
+    from tests.test_psf_fit import simulated_stack
 
     true = Instrument(numerical_aperture=1.0, immersion_index=1.33, wavelength_um=0.515, polarisation="unpolarised",
                       bead_diameter_um=0.1)

@@ -47,6 +47,8 @@ ACTIONS = [
     ("zero_slm", "&Zero SLM", "Ctrl+0", "Show the bare vortex mask; clears the correction"),
     ("save_correction", "&Save correction…", "Ctrl+S", "Save the current correction (YAML)"),
     ("load_correction", "&Load correction…", "Ctrl+O", "Load a correction (YAML) and apply it"),
+    ("open_measurement", "Open &measurement…", "Ctrl+Shift+O",
+     "Analyse a recorded file (TIFF, OME-TIFF, .obf/.msr, HDF5): instrument-model fit, phase retrieval, verdict"),
     ("self_check", "Convention &self-check", "Ctrl+K",
      "Apply each mode with + and − sign and check the model reads it back"),
     ("poke_calibration", "&Poke calibration…", "Ctrl+P",
@@ -74,7 +76,7 @@ ACTIONS = [
 ]
 
 #: actions that only change the view (enabled whatever the worker does)
-VIEW_ACTIONS = {"screenshot", "quit", "clear_history", "cycle_scale", "toggle_slm_view",
+VIEW_ACTIONS = {"open_measurement", "screenshot", "quit", "clear_history", "cycle_scale", "toggle_slm_view",
                 "show_live", "show_before_after", "shortcuts"}
 
 #: what each actions's menu item and button calls (a method name of MainWindow, looked up when
@@ -82,7 +84,7 @@ VIEW_ACTIONS = {"screenshot", "quit", "clear_history", "cycle_scale", "toggle_sl
 HANDLERS = {
     "acquire": "acquire", "centre": "centre", "correct_once": "correct_once", "run": "auto_align",
     "stop": "stop", "zero_slm": "zero_slm", "save_correction": "save_correction",
-    "load_correction": "load_correction", "self_check": "self_check",
+    "load_correction": "load_correction", "self_check": "self_check", "open_measurement": "open_measurement",
     "poke_calibration": "poke_calibration", "load_poke_calibration": "load_poke_calibration",
     "collect": "start_collection", "reconnect": "reconnect", "new_aberration": "new_aberration",
     "clear_history": "clear_history", "screenshot": "save_screenshot_dialog",
@@ -297,7 +299,7 @@ class MainWindow(QtWidgets.QMainWindow):
 
         mb = self.menuBar()
         menus = {
-            "&File": ["load_correction", "save_correction", None, "reconnect", "screenshot", None,
+            "&File": ["load_correction", "save_correction", None, "open_measurement", None, "reconnect", "screenshot", None,
                       "quit"],
             "&Align": ["acquire", "centre", "correct_once", "run", "stop", None, "zero_slm"],
             "&Calibrate": ["self_check", "poke_calibration", "load_poke_calibration"],
@@ -524,6 +526,15 @@ class MainWindow(QtWidgets.QMainWindow):
             if not path:
                 return False
         return self._send("load_correction", path=str(path))
+
+    def open_measurement(self, path: str | None = None) -> Any:
+        """File -> Open measurement: the analysis dialog (:mod:`app.gui.measurement`); returns it."""
+        from autoalign.app.gui.measurement import MeasurementDialog
+
+        dialog = MeasurementDialog(self.settings, self, path)
+        dialog.setModal(False)
+        dialog.show()
+        return dialog
 
     def self_check(self, modes: list[int] | None = None) -> bool:
         """Convention self-check over ``modes`` (default: every mode the model predicts)."""
