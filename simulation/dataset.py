@@ -13,8 +13,8 @@ One sample
    group of :data:`INSTRUMENT_GROUP` samples), wrong-hand polarisation fraction and SLM phase
    stroke (per sample); bead diameter; the sections are blurred by the bead on the true pixels.
 5. Centring, i.e. the frame the loop sees: the noise-free blurred sections are rendered, their
-   centroid found (:func:`calibration.centroid.section_centroid`) and the tip/tilt/defocus that
-   moves the focus back by that displacement (:func:`calibration.optics.shift_to_zernike`, with
+   centroid found (:func:`simulation.centroid.section_centroid`, the loop's own centroid) and the
+   tip/tilt/defocus that moves the focus back by that displacement (:func:`simulation.optics.shift_to_zernike`, with
    the NOMINAL optics, as the loop would) is added (twice, :data:`CENTRING_ITERATIONS`); a
    residual decentring uniform in +-``decentre_px`` (pixels laterally, planes axially) is added
    as tip/tilt/defocus too, and the sections are rendered again (:func:`render_samples`). The
@@ -282,8 +282,8 @@ def generate_chunk(settings: "Settings", seed: int, chunk: int, count: int,
     Returns arrays ``img`` (count, 3, n, n) float32, ``labels`` (count, J), ``peak_photons``,
     ``background_photons``, ``bead_diameter_um``, ``centring_rad`` (count, 3), ``decentre_px``
     (count, 3), ``instrument`` (count, 5), ``higher_order_rad`` (count, K)."""
-    from autoalign.calibration.centroid import section_centroid
-    from autoalign.calibration.optics import shift_to_zernike
+    from autoalign.simulation.centroid import section_centroid
+    from autoalign.simulation.optics import shift_to_zernike
 
     ds, cam, o = settings.dataset, settings.camera, settings.optics
     n_sim = simulated_modes(settings)
