@@ -58,9 +58,12 @@ from autoalign.simulation.vectorial import chord_quadrature
 from autoalign.simulation.zernike import zernike_basis
 
 __all__ = ["Instrument", "InstrumentPSF", "InstrumentFileError", "pupil_samples_for", "INSTRUMENT_FORMAT",
+           "DEFAULT_INSTRUMENT_FILE",
            "sphere_transfer", "confocal_detection", "PARAMETER_UNITS"]
 
 INSTRUMENT_FORMAT = "autoalign-instrument"
+DEFAULT_INSTRUMENT_FILE = "instrument.yaml"
+"""Where ``autoalign calibrate instrument`` writes and ``autoalign analyse`` looks by default."""
 INSTRUMENT_VERSION = 1
 Polarisation = Literal["unpolarised", "circular_plus", "circular_minus", "linear_x", "linear_y"]
 

@@ -74,7 +74,7 @@ def optics_from_args(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
 
     from autoalign.app.cli import cli_path
 
-    from autoalign.app.commands.calibrate_instrument import DEFAULT_INSTRUMENT_FILE
+    from autoalign.simulation.instrument import DEFAULT_INSTRUMENT_FILE
     from autoalign.files import UserError
 
     settings = load_settings(args.settings)

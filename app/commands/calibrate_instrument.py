@@ -25,10 +25,6 @@ stack, free together with the fill factor, they trade against each other (sigmas
 larger than their values) and improve the deviance by 0.003 only)"""
 
 
-#: where 'calibrate instrument' writes and 'analyse' looks for the instrument file by default
-DEFAULT_INSTRUMENT_FILE = "instrument.yaml"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The instrument calibration's own options (the optics flags come from ``analyse``)."""
     p.add_argument("--free", default=",".join(DEFAULT_FREE), metavar="NAMES",
@@ -44,7 +40,7 @@ def run_instrument(args: argparse.Namespace) -> int:
     from autoalign.calibration.psf_fit import INSTRUMENT_PARAMETERS, FitOptions, fit_stacks
     from autoalign.files import OverwriteRefused, UserError
     from autoalign.hardware.recorded import read_recording
-    from autoalign.simulation.instrument import INSTRUMENT_FORMAT
+    from autoalign.simulation.instrument import DEFAULT_INSTRUMENT_FILE, INSTRUMENT_FORMAT
 
     if not args.files:
         raise UserError("calibrate instrument: give one or more bead stacks (TIFF, OME-TIFF, .obf/.msr, HDF5)")
