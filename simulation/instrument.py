@@ -211,7 +211,7 @@ class Instrument:
     def from_settings(cls, settings: Any) -> "Instrument":
         """The nominal instrument of a :class:`autoalign.settings.Settings` (beam path optics)."""
         o = settings.optics
-        pol = o.polarisation if o.polarisation in ("circular_plus", "circular_minus") else "unpolarised"
+        pol: Polarisation = o.polarisation if o.polarisation in ("circular_plus", "circular_minus") else "unpolarised"
         return cls(numerical_aperture=o.numerical_aperture, immersion_index=o.immersion_index,
                    wavelength_um=o.wavelength_um, polarisation=pol,
                    bead_diameter_um=float(settings.camera.bead_diameter_um))
@@ -359,7 +359,8 @@ class InstrumentPSF:
             states, scale = [self._jones["y"]], 1.0
         else:
             states, scale = [input_jones(self.u, self.v, ins.polarisation)], 1.0
-        return [debye_pupil_field(self.u, self.v, na, n, j) * (self.w * scale) for j in states]
+        return [debye_pupil_field(self.u, self.v, na, n, j) * (self.w * scale)  # type: ignore[arg-type]  # NA: a tensor
+                for j in states]
 
     def _spectral(self, p: Mapping[str, torch.Tensor], z_um: torch.Tensor, coefficients: torch.Tensor,
                   xs_um: torch.Tensor | None, ys_um: torch.Tensor | None) -> torch.Tensor:

@@ -49,7 +49,7 @@ def run_instrument(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--free: unknown parameter(s) {', '.join(unknown)}; expected some of "
                         f"{', '.join(sorted(INSTRUMENT_PARAMETERS))}")
-    out = Path(cli_path(args.out) if args.out else Path.cwd() / DEFAULT_INSTRUMENT_FILE)
+    out = Path(cli_path(args.out) or "") if args.out else Path.cwd() / DEFAULT_INSTRUMENT_FILE
     if out.exists() and not args.force and INSTRUMENT_FORMAT not in out.read_text(encoding="utf-8", errors="replace")[:400]:
         raise OverwriteRefused(f"{out}: exists and is not an autoalign instrument file; choose another --out or "
                                "pass --force")

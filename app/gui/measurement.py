@@ -61,7 +61,7 @@ class MeasurementDialog(QtWidgets.QDialog):
         super().__init__(parent)
         self.setWindowTitle("Open measurement")
         self.settings = settings
-        self.thread: AnalysisThread | None = None
+        self.worker: AnalysisThread | None = None
         o, c = settings.optics, settings.camera
         form = QtWidgets.QFormLayout()
         self.path_edit = QtWidgets.QLineEdit(path or "")
@@ -107,15 +107,17 @@ class MeasurementDialog(QtWidgets.QDialog):
         self.verdict.setFont(QtGui.QFontDatabase.systemFont(QtGui.QFontDatabase.FixedFont))
         self.verdict.setMinimumHeight(110)
         self.figure = QtWidgets.QLabel("the report appears here")
-        self.figure.setAlignment(QtCore.Qt.AlignCenter)
+        self.figure.setAlignment(QtCore.Qt.AlignmentFlag.AlignCenter)
         scroll = QtWidgets.QScrollArea()
         scroll.setWidget(self.figure)
         scroll.setWidgetResizable(True)
         scroll.setMinimumSize(640, 420)
         buttons = QtWidgets.QDialogButtonBox()
-        self.analyse_button = buttons.addButton("Analyse", QtWidgets.QDialogButtonBox.AcceptRole)
+        analyse = buttons.addButton("Analyse", QtWidgets.QDialogButtonBox.AcceptRole)
+        assert analyse is not None
+        self.analyse_button: QtWidgets.QPushButton = analyse
         buttons.addButton(QtWidgets.QDialogButtonBox.Close)
-        buttons.accepted.connect(self.start)
+        buttons.accepted.connect(self._start_clicked)
         buttons.rejected.connect(self.reject)
         lay = QtWidgets.QVBoxLayout(self)
         lay.addLayout(form)
@@ -130,6 +132,9 @@ class MeasurementDialog(QtWidgets.QDialog):
             self, "Open measurement", "", "Recordings (*.tif *.tiff *.obf *.msr *.h5 *.hdf5);;All files (*)")
         if path:
             self.path_edit.setText(path)
+
+    def _start_clicked(self) -> None:
+        self.start()
 
     def start(self) -> bool:
         """Analyse the chosen file (False, with the reason shown, when it cannot start)."""
@@ -157,15 +162,15 @@ class MeasurementDialog(QtWidgets.QDialog):
         cam = CameraCounts(offset_adu=self.offset.value(), electrons_per_adu=self.e_per_adu.value(),
                            read_noise_e=self.read_noise.value())
         out = user_data_dir() / "analysis" / Path(path).stem
-        self.thread = AnalysisThread(path, ins, cam, self.beam.currentText(), out)
-        self.thread.progress.connect(self._on_progress)
-        self.thread.done.connect(self._on_done)
-        self.thread.failed.connect(self._on_failed)
+        self.worker = AnalysisThread(path, ins, cam, self.beam.currentText(), out)
+        self.worker.progress.connect(self._on_progress)
+        self.worker.done.connect(self._on_done)
+        self.worker.failed.connect(self._on_failed)
         self.analyse_button.setEnabled(False)
         self.progress_bar.show()
         self.progress_bar.setFormat("analysing…")
         self.verdict.setPlainText("")
-        self.thread.start()
+        self.worker.start()
         return True
 
     def _on_progress(self, text: str) -> None:
@@ -186,9 +191,9 @@ class MeasurementDialog(QtWidgets.QDialog):
         self.verdict.setPlainText("\n".join(line for lines, _ in results for line in lines))
         if results:
             pix = QtGui.QPixmap(results[0][1])
-            self.figure.setPixmap(pix.scaledToWidth(1100, QtCore.Qt.SmoothTransformation))
+            self.figure.setPixmap(pix.scaledToWidth(1100, QtCore.Qt.TransformationMode.SmoothTransformation))
         self.finished_analysis.emit()
 
     def wait(self, ms: int = 600_000) -> bool:
         """Wait for the analysis (tests, scripts)."""
-        return self.thread.wait(ms) if self.thread is not None else True
+        return self.worker.wait(ms) if self.worker is not None else True
