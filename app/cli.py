@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "collect",     # bead-walk data collection
     "calibrate",   # poke calibration, convention self-check, instrument calibration from beads
     "analyse",     # analyse a recorded measurement (TIFF, OME-TIFF, .obf/.msr, HDF5)
+    "overview",    # beads of an overview image: accepted, rejected (why), the one to align on
     "gui",
     "settings",    # write a copy of the default settings / show the settings in use
 ]

@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("calibrate", help="poke calibration and convention self-check", description=__doc__)
     add_settings_argument(p)
-    p.add_argument("what", choices=["poke", "selfcheck", "both", "instrument"], nargs="?", default="both",
+    p.add_argument("what", choices=["poke", "selfcheck", "both", "instrument", "camera"], nargs="?", default="both",
                    help="what to run (default both: poke and selfcheck); instrument: fit the instrument's optics to "
                    "the bead stacks FILE... (see 'Instrument calibration' below)")
     p.add_argument("files", nargs="*", metavar="FILE", help="bead z-stacks for 'calibrate instrument'")
@@ -60,6 +60,10 @@ class _DropTable(logging.Filter):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "camera":
+        from autoalign.app.commands.calibrate_camera import run_camera
+
+        return run_camera(args)
     if args.what == "instrument":
         from autoalign.app.commands.calibrate_instrument import run_instrument
 
