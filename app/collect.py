@@ -50,6 +50,7 @@ import yaml
 
 from autoalign.app.callbacks import notify
 from autoalign.app.loop import LoopStopped, RefusedError
+from autoalign.calibration.quality import Quality
 from autoalign.correction import Correction
 from autoalign.files import UserError
 from autoalign.hardware.base import DeviceError
@@ -397,6 +398,7 @@ class BeadWalk:
         m = loop.acquire()                               # the centred stack
         applied = loop.correction.copy()
         prediction = None
+        est = None
         decision = "recorded"
         metrics: dict[str, float] = {}
         if not m.valid:
@@ -417,7 +419,7 @@ class BeadWalk:
                 raise
             except (RefusedError, Exception) as exc:  # noqa: BLE001
                 decision = f"refused: {exc}"
-            metrics = loop.metrics(m, prediction)
+            metrics = loop.metrics(m, prediction, est)
         x, y = m.stack.xy_position_um
         writer.append({
             "stack": m.stack.data, "sections": m.sections, "prediction": prediction,
@@ -428,7 +430,12 @@ class BeadWalk:
         })
         self.written += 1
         of = f"/{self.rounds}" if self.rounds else ""
-        loop.log("bead walk round %d%s: %s (row %d of the file)", number or index + 1, of, decision, index)
+        q = Quality.from_metrics(metrics)   # the measured residual first, then the null
+        seen = f"measured {q.text()}; " if q is not None else ""
+        null = metrics.get("null_depth")
+        if null is not None and math.isfinite(null):
+            seen += f"null {null:.4f}; "
+        loop.log("bead walk round %d%s: %s%s (row %d of the file)", number or index + 1, of, seen, decision, index)
         return False
 
 

@@ -10,8 +10,10 @@ and the rules, each in its own module with its own tests: ``app.loop_records`` (
 the confirmation stacks), ``app.loop_stop`` (stop rules, what a best-restore shows),
 ``app.loop_diagnosis`` (named faults).
 
-Decisions rest on MEASURED quantities only (the null depth and the correlation with the ideal
-donut of each acquired stack), never an estimator's own predicted residual. Nothing is applied
+Decisions rest on MEASURED quantities only (the measured residual wavefront of each acquired
+stack, ``calibration.quality``: the model fit's when it explains the data, else the donut's shape
+against the ideal one; the null depth and the correlation with the ideal donut), never an
+estimator's own predicted residual (a network's reading, a fit that does not explain the data). Nothing is applied
 from an invalid measurement or a refused estimate; a device failure stops the loop cleanly and
 nothing is sent after it. Every decision goes to the ``autoalign.loop`` logger and the ``on_log``
 callback. See ``docs/loop.md``.
@@ -36,6 +38,7 @@ from autoalign.app.loop_stop import (MIN_SCORE_IMPROVEMENT, Stop, StopRules, app
 from autoalign.app.safety import RefusedError, estimate_problem
 from autoalign.calibration.measurement import Measurement, next_correction, plan_centring
 from autoalign.calibration.metrics import measurement_metrics, null_depth_sigma
+from autoalign.calibration.quality import ALIGNED_RAD, Quality, measurement_quality
 from autoalign.correction import Correction
 from autoalign.diagnosis_types import Diagnoser, Diagnosis, LoopState
 from autoalign.estimator import Estimate, Estimator
@@ -110,16 +113,22 @@ class AlignmentLoop(LoopHost):
         return float(self.settings.loop.floor_margin)
 
     def is_aligned(self, metrics: dict[str, float], sigmas: float = ALIGNED_SIGMAS) -> bool:
-        """The MEASURED null (+ ``sigmas`` x its sigma) within the bead floor + ``loop.floor_margin``
-        and the correlation >= ``loop.aligned_min_correlation`` (:func:`app.loop_confirm.is_aligned`)."""
+        """The MEASURED residual (+ ``sigmas`` x its sigma) within ``calibration.quality.ALIGNED_RAD``,
+        the null not above the bead floor + ``loop.floor_margin`` beyond its noise, and the
+        correlation >= ``loop.aligned_min_correlation`` (:func:`app.loop_confirm.is_aligned`)."""
         return loop_confirm.is_aligned(metrics, self.ideal_null_depth(), self.floor_margin,
                                        float(self.settings.loop.aligned_min_correlation), sigmas)
 
-    def metrics(self, m: Measurement, prediction: dict[int, float] | None = None) -> dict[str, float]:
+    def metrics(self, m: Measurement, prediction: dict[int, float] | None = None,
+                estimate: Estimate | None = None) -> dict[str, float]:
         """Image metrics of ``m`` (``calibration.metrics.measurement_metrics``), its null depth's
-        shot-noise sigma, the measured ``score``, the predicted residual of ``prediction`` and,
-        with ``truth_metrics``, the simulated truth now."""
-        out = measurement_metrics(m, self.ideal_sections() if m.valid else None)
+        shot-noise sigma, the measured quality figure (``quality_rad`` ...: the residual wavefront
+        the stack shows, from the model fit of ``estimate`` when it explains the data, else from
+        the donut's shape; :func:`calibration.quality.quality_figure`), the measured ``score``, the
+        predicted residual of ``prediction`` and, with ``truth_metrics``, the simulated truth now."""
+        ideal = self.ideal_sections() if m.valid else None
+        out = measurement_metrics(m, ideal)
+        out.update(measurement_quality(m, ideal, self.settings, estimate).as_metrics())
         cam = self.settings.camera
         qe = float(cam.quantum_efficiency)
         out["null_depth_sigma"] = (null_depth_sigma(m.sections, m.background_photons, qe,
@@ -207,15 +216,17 @@ class AlignmentLoop(LoopHost):
         except Exception as exc:  # noqa: BLE001 - a broken estimator refuses, never applies
             logger.exception("estimation failed")
             return record(f"refused: prediction failed ({exc})", self.metrics(m))
-        metrics = self.metrics(m, est.coefficients)
+        metrics = self.metrics(m, est.coefficients, est)
         metrics.update({f"{k}_measured": metrics[k] for k in ("true_residual_rms", "true_null_depth",
                                                               "true_mask_offset") if k in metrics})
         problem = self.check_estimate(est)
         if problem:
             return record(f"refused: {problem}", metrics)
         if hold_if_aligned and self.is_aligned(metrics, sigmas=-1.0) and self._confirm_aligned(metrics):
-            return record(f"aligned: measured null {metrics['null_depth']:.4f} +- {metrics['null_depth_sigma']:.4f} "
-                          f"within the bead floor {self.ideal_null_depth():.4f} + {self.floor_margin:g}; "
+            q = Quality.from_metrics(metrics)
+            return record(f"aligned: measured {q.text() if q else 'residual unknown'} within {ALIGNED_RAD:g} rad, "
+                          f"null {metrics['null_depth']:.4f} +- {metrics['null_depth_sigma']:.4f} "
+                          f"at the bead floor {self.ideal_null_depth():.4f} + {self.floor_margin:g}; "
                           "nothing applied", metrics)
         new = proposed = next_correction(before, est, ttd, gain)
         try:

@@ -4,8 +4,9 @@
 From the history of MEASURED quantities (null depth and correlation of each acquired stack, the
 decisions, the estimates and the corrections applied) it names, in this order:
 
-* ``aligned``: the last iteration found the measured null at the bead floor (the loop held the
-  correction: decision ``"aligned ..."``); the only success;
+* ``aligned``: the last iteration found the donut aligned (the measured residual wavefront within
+  ``calibration.quality.ALIGNED_RAD``, the null at the bead floor; the loop held the correction:
+  decision ``"aligned ..."``); the only success;
 * ``mask_offset_out_of_range``: a correction was refused because the vortex mask would move
   beyond ``loop.max_mask_offset``; the action names the ``slm.pupil_centre_px`` change that
   re-centres the pattern instead;
@@ -18,7 +19,8 @@ decisions, the estimates and the corrections applied) it names, in this order:
   range).
 
 :func:`limit_diagnosis` says what limits a run that ended without any of these (iteration limit,
-no improvement). Units: null depth centre/peak; radians; pupil radii.
+no improvement): the measured residual first, the null second. Units: null depth centre/peak;
+radians; pupil radii.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from autoalign.app.safety import MASK_OFFSET_REFUSAL
+from autoalign.calibration.quality import ALIGNED_RAD, Quality, is_aligned_quality
 from autoalign.diagnosis_types import Diagnosis, LoopState
 
 #: camera orientations relative to the SLM that only change signs of Zernike modes, and the
@@ -132,8 +135,12 @@ class LoopDiagnoser:
         sigma = metrics.get("null_depth_sigma", math.nan)
         terms = {"null_depth": null, "null_depth_sigma": sigma, "bead_floor": state.null_floor,
                  "floor_margin": state.floor_margin}
+        q = Quality.from_metrics(metrics)
+        if q is not None:
+            terms.update(quality_rad=q.value, quality_sigma_rad=q.sigma, aligned_rad=ALIGNED_RAD)
         if decision.startswith("aligned"):
-            return Diagnosis("aligned", f"measured null {null:.4f} +- {sigma:.4f} at the bead floor "
+            residual = f"measured {q.text()} within {ALIGNED_RAD:g} rad; " if q is not None else ""
+            return Diagnosis("aligned", f"{residual}measured null {null:.4f} +- {sigma:.4f} at the bead floor "
                              f"{state.null_floor:.4f} (+{state.floor_margin:g} margin)", "",
                              terms, "info", stop=True, success=True)
         if MASK_OFFSET_REFUSAL in decision:
@@ -206,7 +213,9 @@ class LoopDiagnoser:
 
 def limit_diagnosis(state: LoopState, stop_reason: str) -> Diagnosis:
     """What limits a run that ended without a diagnosis (iteration limit, no improvement, a stop):
-    the last measured null against the bead floor."""
+    the last stack's measured residual wavefront (``calibration.quality``) against the aligned
+    threshold, and its null against the bead floor. The null alone never reads "at the floor":
+    through the bead an aberrated donut's null can (``benchmarks/quality_figure.py``)."""
     last = None
     for r in reversed(list(state.history)):
         if (r.metrics or {}).get("null_depth") is not None and math.isfinite(r.metrics["null_depth"]):
@@ -220,14 +229,29 @@ def limit_diagnosis(state: LoopState, stop_reason: str) -> Diagnosis:
     limit = state.null_floor + state.floor_margin
     terms = {"null_depth": null, "null_depth_sigma": sigma, "bead_floor": state.null_floor,
              "floor_margin": state.floor_margin, "correlation_ideal": last.metrics.get("correlation_ideal", math.nan)}
-    if null - 2 * sigma <= limit:
-        cause = (f"measured null {null:.4f} +- {sigma:.4f} cannot be told from the bead floor {state.null_floor:.4f} "
-                 f"(+{state.floor_margin:g}) at these photons")
+    nulltext = f"measured null {null:.4f} +- {sigma:.4f} vs the bead floor {state.null_floor:.4f} (+{state.floor_margin:g})"
+    q = Quality.from_metrics(last.metrics)
+    fault = ("a fault that Zernike correction cannot fix may remain (polarisation, SLM stroke, "
+             "modes beyond the estimator's): run the diagnosis")
+    if q is None:
+        return Diagnosis("not_at_floor", f"{nulltext}; no measured residual", fault, terms, "warning", stop=False)
+    terms.update(quality_rad=q.value, quality_sigma_rad=q.sigma, aligned_rad=ALIGNED_RAD)
+    residual = f"measured {q.text()}"
+    null_above = null - 2 * sigma > limit
+    if is_aligned_quality(q):
+        if null_above:
+            cause = f"{residual} within {ALIGNED_RAD:g} rad, but the {nulltext}"
+            action = fault
+        else:
+            cause = f"{residual} within {ALIGNED_RAD:g} rad and the {nulltext}: aligned, not confirmed"
+            action = "run the alignment again to confirm it on more stacks"
+    elif is_aligned_quality(q, sigmas=0.0):
+        cause = f"{residual} cannot be told from aligned ({ALIGNED_RAD:g} rad) at these photons; {nulltext}"
         action = "collect more photons (exposure, laser power) to confirm the alignment"
     else:
-        cause = f"measured null {null:.4f} +- {sigma:.4f} vs the bead floor {state.null_floor:.4f} (+{state.floor_margin:g})"
-        action = ("a fault that Zernike correction cannot fix may remain (polarisation, SLM stroke, "
-                  "modes beyond the estimator's): run the diagnosis")
+        cause = f"{residual} above the {ALIGNED_RAD:g} rad of an aligned donut: aberrated; {nulltext}"
+        action = ("run more iterations; when they do not improve it, the aberration is beyond what this "
+                  "corrector reads or a fault remains: run the diagnosis")
     return Diagnosis("not_at_floor", cause, action, terms, "warning", stop=False)
 
 
@@ -256,7 +280,8 @@ class FitDiagnoser:
             if "diagnoses" not in extras:
                 return None
             null = (record.metrics or {}).get("null_depth")
-            summary = summarise_diagnoses(est, null, state.null_floor)
+            summary = summarise_diagnoses(est, null, state.null_floor,
+                                          quality=Quality.from_metrics(record.metrics))
             names.append(summary.name)
         if summary is None or len(names) < self.persistence or len(set(names)) != 1 or names[0] not in FAULT_NAMES:
             return None

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from autoalign.app.loop_records import IterationRecord, record_score
+from autoalign.calibration.quality import ALIGNED_RAD, Quality
 from autoalign.correction import Correction
 from autoalign.diagnosis_types import Diagnosis
 
@@ -94,9 +95,10 @@ def applied_corrections(records: Sequence[IterationRecord]) -> int:
 
 
 def limits_text(records: Sequence[IterationRecord], floor: float, margin: float) -> str:
-    """The last measured null against the bead floor (``floor`` + ``margin``), and what the
-    estimator said limits it (``extras["fit_refused"]`` of the last estimate, e.g. a fit that did
-    not explain the data)."""
+    """The last stack's measured residual against the aligned threshold
+    (:func:`calibration.quality.ALIGNED_RAD`) and its null against the bead floor (``floor`` +
+    ``margin``), both of ONE stack, and what the estimator said limits it
+    (``extras["fit_refused"]`` of the last estimate, e.g. a fit that did not explain the data)."""
     last = next((r.estimate for r in reversed(records) if r.estimate is not None), None)
     note = str((last.extras or {}).get("fit_refused") or "") if last is not None else ""
     note = f"; {note}" if note else ""
@@ -104,7 +106,9 @@ def limits_text(records: Sequence[IterationRecord], floor: float, margin: float)
         null = (r.metrics or {}).get("null_depth")
         if null is not None and math.isfinite(null):
             sigma = r.metrics.get("null_depth_sigma", math.nan)
-            return f"measured null {null:.4f} +- {sigma:.4f} vs the bead floor {floor:.4f} (+{margin:g}){note}"
+            q = Quality.from_metrics(r.metrics)
+            residual = f"measured {q.text()} vs {ALIGNED_RAD:g} rad aligned; " if q is not None else ""
+            return f"{residual}measured null {null:.4f} +- {sigma:.4f} vs the bead floor {floor:.4f} (+{margin:g}){note}"
     return "no valid measurement" + note
 
 

@@ -4,7 +4,8 @@
   :func:`show_correction` shows it with the pupil moved by the correction's mask offset.
 * :func:`slm_grid`: the pupil grid size of an SLM.
 * :func:`ideal_reference`: the unaberrated donut seen through the measurement pipeline
-  (noise-free), giving the correlation reference and the null-depth floor of the bead.
+  (noise-free), giving the correlation reference and the null-depth floor of the bead;
+  :func:`reference_measurements`: the same pipeline with known aberrations.
 * :func:`true_residual_rms`, :func:`true_null_depth`, :func:`true_mask_offset`: the simulated
   microscope's honest truth (None for real hardware).
 
@@ -62,11 +63,11 @@ def slm_grid(slm: Any, settings: Settings) -> int:
     return int(settings.optics.pupil_samples)
 
 
-def ideal_reference(settings: Settings) -> dict[str, Any]:
-    """The unaberrated donut through the measurement pipeline, noise-free: a simulated microscope
-    without aberration, the configured bead and camera, the vortex on a simulated SLM, a stack
-    acquired and analysed exactly like a measurement. Returns ``{"sections": (3, n, n)
-    background removed, xy peak 1, "null_depth": the measured null-depth floor of the bead}``."""
+def reference_measurements(settings: Settings, aberrations: list[dict[int, float]]) -> list[Any]:
+    """Donuts through the measurement pipeline, noise-free, one per hidden aberration ({Noll:
+    rad}): a simulated microscope with that aberration and no other fault, the configured bead and
+    camera, the vortex on a simulated SLM, a stack acquired and analysed exactly like a
+    measurement (:class:`calibration.measurement.Measurement`, photons, background kept)."""
     s = nominal_instrument(settings.replace(**{"hardware.backend": "simulated", "slm.backend": "simulated"}))
     # a PERFECT instrument as the settings describe it: none of the simulated microscope's hidden
     # faults or mismatches (they would raise the floor and let a faulty donut pass as aligned)
@@ -82,9 +83,26 @@ def ideal_reference(settings: Settings) -> dict[str, Any]:
         saturation = float(cam.saturation_adu)
     except Exception:  # noqa: BLE001
         saturation = None
-    m = analyse_stack(acquire_stack(cam, focus, s), settings, saturation)
-    if not m.valid:  # pragma: no cover - the unaberrated donut is always a valid bead
-        raise RuntimeError(f"reference donut refused: {m.reason}")
+    out = []
+    for aberration in aberrations:
+        mic.set_aberration(dict(aberration or {}))
+        m = analyse_stack(acquire_stack(cam, focus, s), settings, saturation)
+        if not m.valid:  # pragma: no cover - a donut near the ideal one is always a valid bead
+            raise RuntimeError(f"reference donut {aberration} refused: {m.reason}")
+        out.append(m)
+    return out
+
+
+def reference_measurement(settings: Settings, aberration: dict[int, float] | None = None) -> Any:
+    """One donut through the measurement pipeline, noise-free (:func:`reference_measurements`)."""
+    return reference_measurements(settings, [dict(aberration or {})])[0]
+
+
+def ideal_reference(settings: Settings) -> dict[str, Any]:
+    """The unaberrated donut through the measurement pipeline, noise-free
+    (:func:`reference_measurement`). Returns ``{"sections": (3, n, n) background removed, xy peak
+    1, "null_depth": the measured null-depth floor of the bead}``."""
+    m = reference_measurement(settings)
     sections = m.sections - m.background_photons
     return {"sections": sections / max(float(sections[0].max()), 1e-12),
             "null_depth": null_depth(m.sections, m.background_photons)}
@@ -168,5 +186,5 @@ def true_null_depth(microscope: Any, settings: Settings) -> float | None:
         return None
 
 
-__all__ = ["build_pupil_phase", "show_correction", "slm_grid", "ideal_reference", "true_residual_rms", "true_null_depth",
-           "true_mask_offset"]
+__all__ = ["build_pupil_phase", "show_correction", "slm_grid", "ideal_reference", "reference_measurement",
+           "reference_measurements", "true_residual_rms", "true_null_depth", "true_mask_offset"]

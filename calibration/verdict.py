@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoalign.calibration.diagnosis import is_at_floor, residual_within_crb
+from autoalign.calibration.quality import ALIGNED_RAD, Quality, is_aligned_quality
 
 __all__ = ["DiagnosisSummary", "PhysicsConvergence", "summarise_diagnoses", "is_converged_physics",
            "null_at_floor", "FAULT_NAMES", "LOWEST_PLAUSIBLE", "FLOOR_RESIDUAL_RAD"]
@@ -40,24 +41,30 @@ FAULT_NAMES = ("polarisation_impurity", "slm_stroke", "orientation", "mask_offse
 LOWEST_PLAUSIBLE = 0.5
 
 
-#: the largest estimated residual (rad RMS) at which a null at the floor counts (as
-#: ``loop.converged_rms_rad``): through an 80 nm bead a donut with 1 rad of aberration can read a
-#: null at the floor (the dark spot moves, the bead fills it anyway), measured on the simulated
-#: microscope (benchmarks/refined_loop.py, 1.0 rad: 4 of 6 first stacks)
-FLOOR_RESIDUAL_RAD = 0.05
+#: the largest estimated residual (rad RMS) at which a null at the floor counts: through an 80 nm
+#: bead a donut with 1 rad of aberration can read a null at the floor (the dark spot moves, the
+#: bead fills it anyway), measured on the simulated microscope (benchmarks/refined_loop.py, 1.0
+#: rad: 4 of 6 first stacks; benchmarks/quality_figure.py: 69 of 91 random states above 0.1 rad);
+#: the measured quality figure's aligned threshold (``calibration.quality.ALIGNED_RAD``)
+FLOOR_RESIDUAL_RAD = ALIGNED_RAD
 
 
 def null_at_floor(measured_null: float | None, floor: float | None, margin: float = 0.25,
                   lowest: float = LOWEST_PLAUSIBLE, residual_rms: float | None = None,
-                  max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> bool:
+                  max_residual_rad: float = FLOOR_RESIDUAL_RAD, quality: Quality | None = None) -> bool:
     """True when the measured null is at the bead's floor: within ``margin`` above it
     (:func:`calibration.diagnosis.is_at_floor`), not below ``lowest`` x the floor (no correction
-    goes below the floor: a reading that low failed) and, when the estimated ``residual_rms`` is
-    given, that residual at most ``max_residual_rad`` (an aberrated donut seen through a bead can
-    read a null at the floor). None/NaN null or floor: False."""
+    goes below the floor: a reading that low failed), when the estimated ``residual_rms`` is
+    given, that residual at most ``max_residual_rad`` and, when the measured ``quality`` figure
+    is given (:class:`calibration.quality.Quality`), that figure aligned
+    (:func:`calibration.quality.is_aligned_quality`): an aberrated donut seen through a bead can
+    read a null at the floor (measured: 69 of 91 random states above 0.1 rad,
+    ``benchmarks/quality_figure.py``). None/NaN null or floor: False."""
     if measured_null is None or floor is None or not (math.isfinite(measured_null) and math.isfinite(floor)):
         return False
     if residual_rms is not None and not (math.isfinite(residual_rms) and residual_rms <= max_residual_rad):
+        return False
+    if quality is not None and not is_aligned_quality(quality):
         return False
     return bool(is_at_floor(float(measured_null), float(floor), margin) and measured_null >= lowest * floor)
 
@@ -104,15 +111,16 @@ def _extras(source: Any) -> tuple[list[Any], Mapping[str, Any]]:
 def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = None,
                         floor: float | None = None, residual_rms: float | None = None,
                         margin: float = 0.25,
-                        max_residual_rad: float = FLOOR_RESIDUAL_RAD) -> DiagnosisSummary:
+                        max_residual_rad: float = FLOOR_RESIDUAL_RAD,
+                        quality: Quality | None = None) -> DiagnosisSummary:
     """The dominant finding of an estimate's diagnoses, for the loop's stop reason.
 
     ``estimate_or_extras``: an :class:`~autoalign.estimator.Estimate` of the refined estimator, its
     ``extras`` mapping, or a list of diagnoses (dicts or :class:`~calibration.diagnosis.Diagnosis`);
     ``measured_null``: the null now measured (the loop's definition); ``floor``: the bead's
     null floor (same definition); ``residual_rms``: the estimated residual (rad; default the
-    estimate's ``residual_rms``); ``margin`` and ``max_residual_rad``: what "at the floor" means
-    (:func:`null_at_floor`).
+    estimate's ``residual_rms``); ``margin``, ``max_residual_rad`` and the measured ``quality``
+    figure (:mod:`calibration.quality`): what "at the floor" means (:func:`null_at_floor`).
 
     Choice: the named fault (:data:`FAULT_NAMES`) with the largest ``null_contribution``; when the
     fit does not explain the data (``unmodelled_aberration`` ranked first by ``diagnose``, i.e.
@@ -143,7 +151,8 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
         return DiagnosisSummary(str(_field(d, "name")), str(_field(d, "cause", "")), str(_field(d, "action", "")),
                                 terms)
 
-    at_floor = null_at_floor(measured_null, floor, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad)
+    at_floor = null_at_floor(measured_null, floor, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad,
+                             quality=quality)
     # diagnose() ranks unmodelled_aberration first only when the fit does not explain the data
     # (chi^2/dof > CHI2_MAX: its other findings are then uncertain) or nothing else was found; a
     # null at the bead's floor leaves nothing that matters to the model's lack
@@ -152,9 +161,11 @@ def summarise_diagnoses(estimate_or_extras: Any, measured_null: float | None = N
     if faults:
         return pick(max(faults, key=lambda d: float(_field(d, "null_contribution", 0.0) or 0.0)))
     if at_floor and measured_null is not None and floor is not None:
+        residual = f" and the measured {quality.text()} is aligned" if quality is not None else ""
         return DiagnosisSummary(
             "at_bead_floor",
-            f"the measured null ({100 * measured_null:.2f} %) is at the floor set by the bead ({100 * floor:.2f} %)",
+            f"the measured null ({100 * measured_null:.2f} %) is at the floor set by the bead ({100 * floor:.2f} %)"
+            + residual,
             "nothing left to correct that this bead can show; a smaller bead shows a deeper null", terms)
     if unmodelled:
         return pick(unmodelled[0])
@@ -179,7 +190,8 @@ class PhysicsConvergence:
 
 def is_converged_physics(residual_rms: float | None, crb_rms: float | None, measured_null: float | None,
                          floor: float | None, factor: float = 2.0, margin: float = 0.25,
-                         max_residual_rad: float = FLOOR_RESIDUAL_RAD, diagnoses: Any = None) -> PhysicsConvergence:
+                         max_residual_rad: float = FLOOR_RESIDUAL_RAD, diagnoses: Any = None,
+                         quality: Quality | None = None) -> PhysicsConvergence:
     """Stop against physics (issue 13 item 4).
 
     ``residual_rms``: the estimated residual (rad RMS, Noll >= 5, e.g. the refined estimate's
@@ -188,8 +200,8 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     and the bead's floor (:func:`calibration.diagnosis.null_floor`), same definition.
 
     * at the floor (:func:`null_at_floor`: :func:`calibration.diagnosis.is_at_floor` with the
-      relative ``margin``, not implausibly below the floor, and the residual, when known, at most
-      ``max_residual_rad``): stop, converged;
+      relative ``margin``, not implausibly below the floor, the residual, when known, at most
+      ``max_residual_rad`` and the measured ``quality`` figure, when given, aligned): stop, converged;
     * residual within ``factor`` x its bound (:func:`calibration.diagnosis.residual_within_crb`)
       but the null above the floor: stop, NOT converged (something Zernike correction does not fix
       fills the null: see :func:`summarise_diagnoses`);
@@ -202,7 +214,8 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     nan = float("nan")
     res, crb = (nan if v is None else float(v) for v in (residual_rms, crb_rms))
     null, fl = (nan if v is None else float(v) for v in (measured_null, floor))
-    at_floor = null_at_floor(null, fl, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad)
+    at_floor = null_at_floor(null, fl, margin, residual_rms=residual_rms, max_residual_rad=max_residual_rad,
+                             quality=quality)
     within = residual_within_crb(res, crb, factor)
     if at_floor:
         reason = f"measured null {100 * null:.2f} % at the bead's floor {100 * fl:.2f} % (+{100 * margin:.0f} %)"
@@ -216,7 +229,7 @@ def is_converged_physics(residual_rms: float | None, crb_rms: float | None, meas
     fault = next((d for d in found if _field(d, "name") in FAULT_NAMES), None)
     converged = at_floor and fault is None
     if fault is not None and (at_floor or within):
-        summary = summarise_diagnoses(found, measured_null, floor, residual_rms, margin, max_residual_rad)
+        summary = summarise_diagnoses(found, measured_null, floor, residual_rms, margin, max_residual_rad, quality)
         reason += f"; not converged: {summary}"
     elif within and not at_floor:
         reason += ": not converged"

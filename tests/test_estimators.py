@@ -83,7 +83,9 @@ class _HalfTruth(TruthEstimator):
 def test_the_stop_reason_says_what_the_estimator_said_limits_it():
     loop, _ = _loop(lambda dev: _HalfTruth(dev.microscope))
     loop.run(iterations=1)
-    assert loop.stop_reason.startswith("iteration limit (1): measured null")
+    # the measured residual first (calibration.quality), then the null of the same stack
+    assert loop.stop_reason.startswith("iteration limit (1): measured residual "), loop.stop_reason
+    assert " rad (donut shape) vs 0.05 rad aligned; measured null " in loop.stop_reason
     assert loop.stop_reason.endswith("; the fit did not explain the data: fit more modes"), loop.stop_reason
 
 
