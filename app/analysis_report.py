@@ -55,8 +55,8 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
     gs = fig.add_gridspec(5, 9, height_ratios=[1, 1, 1, 1.1, 1.2], hspace=0.55, wspace=0.45)
     vmax = np.log10(max(float(data.max()), 10.0))
     for col, (name, (d, m)) in enumerate(sections.items()):
-        z_extent = [-n // 2 * p, (n - 1 - n // 2) * p, sf.z_um[0] - sf.bead_um[2], sf.z_um[-1] - sf.bead_um[2]]
-        xy_extent = [-n // 2 * p, (n - 1 - n // 2) * p, (n - 1 - n // 2) * p, -n // 2 * p]
+        z_extent = (-n // 2 * p, (n - 1 - n // 2) * p, float(sf.z_um[0] - sf.bead_um[2]), float(sf.z_um[-1] - sf.bead_um[2]))
+        xy_extent = (-n // 2 * p, (n - 1 - n // 2) * p, (n - 1 - n // 2) * p, -n // 2 * p)
         extent = xy_extent if col == 0 else z_extent
         for row, (label, img, kind) in enumerate((("data", d, "log"), ("model", m, "log"),
                                                  ("residual / sqrt(model)", (d - m) / np.sqrt(np.clip(m, 1, None)), "res"))):
@@ -110,10 +110,10 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
     w = 0.38
     ax.bar(x - w / 2, [sf.coefficients[j] for j in modes], w, yerr=[sf.sigma[j] for j in modes], capsize=2,
            label="instrument-model fit (sigma: max of Fisher, block sandwich)", color="C0")
-    r = analysis.retrieval
-    if r is not None:
-        ax.bar(x + w / 2, [r.coefficients.get(j, 0.0) for j in modes], w,
-               yerr=[r.uncertainty.get(j, 0.0) for j in modes], capsize=2, color="C3",
+    pr = analysis.retrieval
+    if pr is not None:
+        ax.bar(x + w / 2, [pr.coefficients.get(j, 0.0) for j in modes], w,
+               yerr=[pr.uncertainty.get(j, 0.0) for j in modes], capsize=2, color="C3",
                label="phase retrieval (Gerchberg-Saxton; sigma: half the even/odd-plane spread)")
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(x)

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
               f"{st.z_step_um:.4f} µm ({st.provenance.get('z_um', 'unknown')})", file=log)
     for note in rec.notes:
         print("note: " + note, file=log)
-    out_dir = Path(cli_path(args.out) if args.out else Path.cwd() / f"analysis_{path.stem}")
+    out_dir = Path(cli_path(args.out) or "") if args.out else Path.cwd() / f"analysis_{path.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     beam = _beam(args)
     options = AnalysisOptions(max_noll=args.max_noll, z_range_um=args.z_range_um, plane_step=args.plane_step,
