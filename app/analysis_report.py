@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
     return out
 
 
-def write_sections_report(fit: object, entry: dict, path: str | Path, title: str = "") -> Path:
+def write_sections_report(fit: Any, entry: dict, path: str | Path, title: str = "") -> Path:
     """Report of a section-scan fit: data, model and residual of each section, and the Zernike
     estimates of the fit (with sigma) and of the networks side by side."""
     import matplotlib

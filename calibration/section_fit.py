@@ -264,7 +264,7 @@ def fit_sections(scans: Any, instrument: Instrument, beam: str = "vortex", modes
         var = np.clip(mu, 1e-6, None).ravel()
         fisher += jac.T @ (jac / var[:, None])
         score = jac * ((d.ravel() - var) / var)[:, None]
-        sb = block_sums(score, (1,) + d.shape, 4)
+        sb = block_sums(score, (1, d.shape[0], d.shape[1]), 4)
         meat += sb.T @ sb
         d_all.append(d.ravel())
         mu_all.append(mu.ravel())
