@@ -78,6 +78,46 @@ def _wait_done(qtbot, w, task: str, timeout: int = TASK_TIMEOUT_MS) -> None:
 
 
 # ------------------------------------------------------------------ with the simulated microscope
+def test_a_run_shows_the_measured_residual_first_in_the_status_bar_and_the_plot(qtbot, window):
+    """Issue 24 (1-3): after a run the status bar, the quality plot and the diagnosis show the
+    MEASURED residual (calibration.quality: the refined estimator's model fit) first and the null
+    second; the plot's axes say which is which, and the figure agrees with the truth."""
+    _need_model(window.settings)
+    from autoalign.calibration.quality import ALIGNED_RAD, Quality
+
+    w = window
+    assert w.corrector == "refined"                 # the default corrector: the fit's residual
+    w.results.clear()
+    assert w.auto_align(iterations=1, gain=1.0)
+    _wait_done(qtbot, w, "run")
+    assert not w.errors, w.errors
+    hist = w.history
+    n = len(hist.data["iteration"])
+    current = hist.points()[-1]
+    assert current["current"] and current["x"] == n
+    # the state on the SLM now: its measured residual is the model fit's, and agrees with the truth
+    q = Quality.from_metrics(w.state_metrics)
+    assert q is not None and q.source == "fit" and current["quality_rad"] == pytest.approx(q.value)
+    true = w.state_metrics["true_residual_rms"]
+    assert q.value == pytest.approx(true, abs=max(3 * q.sigma, 0.15 * true)), (q, true)
+    # the plot: the measured residual first (left axis, rad), the null second (right axis)
+    xs, ys = hist.quality_curve.getData()
+    assert list(xs) == list(range(n + 1)) and ys[-1] == pytest.approx(np.log10(q.value))
+    assert list(hist.quality_now.getData()[0]) == [n]
+    assert hist.null.plotItem.getAxis("left").labelText == "measured residual (rad RMS)"
+    assert hist.null.plotItem.getAxis("right").labelText == "null depth (centre / peak)"
+    assert hist.aligned_line.value() == pytest.approx(np.log10(ALIGNED_RAD))
+    assert hist.null_curve.getData()[0][-1] == n
+    # the status bar: one state, its measured residual first, then its null
+    text = w.status_metrics.text()
+    assert text.startswith(f"after iteration {n}: residual {q.value:.3f} ± {q.sigma:.3f} rad (fit), "), text
+    assert text.index("residual") < text.index("null ")
+    assert "measured residual" in w.status_metrics.toolTip()
+    # the diagnosis under the plot names the measured residual and whether it is aligned
+    assert f"measured residual {q.value:.3f}" in hist.diagnosis_label.text()
+    assert ("NOT aligned" in hist.diagnosis_label.text()) == (q.value > ALIGNED_RAD)
+
+
 def test_auto_align_lowers_true_residual(qtbot, window, tmp_path):
     _need_model(window.settings)
     w = window
@@ -110,10 +150,11 @@ def test_auto_align_lowers_true_residual(qtbot, window, tmp_path):
     assert current["null_depth"] == pytest.approx(null_now)
     assert w.history.null_curve.getData()[0][-1] == n
     # status bar and log lines name one state each, with that state's numbers
-    assert w.status_metrics.text().startswith(f"after iteration {n}: null ")
+    assert w.status_metrics.text().startswith(f"after iteration {n}: residual ")
+    assert ", null " in w.status_metrics.text()
     state_lines = [line.split("  ", 1)[1] for line in w.log.lines
                    if STATE.match(line.split("  ", 1)[-1])]
-    assert state_lines[-1].startswith(f"after iteration {n} (on the SLM now): null ")
+    assert state_lines[-1].startswith(f"after iteration {n} (on the SLM now): measured residual ")
     for line in state_lines:
         assert len(STATE.findall(line)) == 1, line
     # the floor for the bead (computed once) and the diagnosis slot

@@ -18,6 +18,11 @@ from autoalign.app.gui.text import LOOP_ITERATION_LINE, display_text
 from autoalign.app.gui.widgets import (BeforeAfterView, HistoryPlots, LogPanel, ModeBarChart,
                                        OrthoSectionsView, PhaseView)
 from autoalign.app.gui.worker import AlignWorker
+from autoalign.calibration.quality import ALIGNED_RAD, Quality, is_aligned_quality
+
+#: the loop's metrics of the measured quality figure (``calibration.quality.Quality.as_metrics``)
+QUALITY_KEYS = ("quality_rad", "quality_sigma_rad", "quality_shape_rad", "quality_from_fit",
+                "correlation_noise_free")
 
 TASK_TITLES = {
     "open": "Opening devices",
@@ -743,8 +748,15 @@ class MainWindow(QtWidgets.QMainWindow):
         return "before correction" if iterations <= 0 else f"after iteration {iterations}"
 
     def _state_text(self, state: str, metrics: dict, now: bool = False) -> str:
-        """One line naming ONE state and only its metrics: 'after iteration 3: null 0.08 %, …'."""
+        """One line naming ONE state and only its metrics, the measured residual first (the
+        quality figure, :mod:`calibration.quality`), then the null: 'after iteration 3: measured
+        residual 0.012 ± 0.006 rad (model fit), aligned, null 2.9 %, …'."""
         bits = []
+        q = Quality.from_metrics(metrics)
+        if q is not None:
+            verdict = "aligned" if is_aligned_quality(q) else (
+                "not aligned" if not is_aligned_quality(q, sigmas=0.0) else "aligned? (within the noise)")
+            bits.append(f"measured {q.text('±')}, {verdict}")
         nd = metrics.get("null_depth")
         if nd is not None and np.isfinite(nd):
             bits.append(f"null {100 * nd:.3g} %")
@@ -795,7 +807,8 @@ class MainWindow(QtWidgets.QMainWindow):
             true_seen = metrics.get("true_residual_rms")
         seen = {"null_depth": metrics.get("null_depth"),
                 "predicted_residual_rms": metrics.get("predicted_residual_rms"),
-                "true_residual_rms": true_seen}
+                "true_residual_rms": true_seen,
+                **{k: metrics[k] for k in QUALITY_KEYS if k in metrics}}
         photons = metrics.get("photons")
         line = self._state_text(state, seen)
         if photons is not None and np.isfinite(photons):
@@ -842,7 +855,8 @@ class MainWindow(QtWidgets.QMainWindow):
         self.state_metrics = {"state": state, **{k: v for k, v in metrics.items()
                                                  if v is not None}}
         text = self._state_text(state, metrics)
-        short = text.replace("predicted residual", "pred.").replace("true residual", "true")
+        short = (text.replace("measured residual", "residual").replace("predicted residual", "pred.")
+                 .replace("true residual", "true").replace(" (model fit)", " (fit)").replace(" (donut shape)", " (shape)"))
         if self.reference is not None:
             short += f" (floor {100 * self.reference.null_depth_floor:.2g} %)"
         self.status_metrics.setText(short + "  |")
@@ -940,15 +954,23 @@ class MainWindow(QtWidgets.QMainWindow):
         self.task_finished.emit(task, result)
 
     def set_diagnosis(self, result: dict | str) -> None:
-        """The text slot under the null plot: why the run stopped and what limits the null (the
-        run's ``diagnosis`` text when the loop gives one), and where the null is against the bead
-        floor."""
+        """The text slot under the null plot: why the run stopped and what limits the alignment
+        (the run's ``diagnosis`` text when the loop gives one), the measured residual of the state
+        shown (the quality figure: aligned or not) and where its null is against the bead floor.
+        The null alone never reads "at the floor": through the bead an aberrated donut's can."""
         if isinstance(result, str):
             parts = [result]
         else:
             parts = [str(result.get(k) or "") for k in ("diagnosis", "stop_reason")]
             if parts[1]:
                 parts[1] = "stopped: " + parts[1]
+        q = Quality.from_metrics(self.state_metrics)
+        aligned = q is not None and is_aligned_quality(q)
+        if q is not None:
+            where = (f"aligned (≤ {ALIGNED_RAD:g} rad)" if aligned else
+                     f"NOT aligned (> {ALIGNED_RAD:g} rad)" if not is_aligned_quality(q, sigmas=0.0) else
+                     f"within {ALIGNED_RAD:g} rad, not beyond the noise")
+            parts.append(f"{self.state_metrics.get('state', 'now')}: measured {q.text('±')}: {where}")
         nd = self.state_metrics.get("null_depth")
         if (self.reference is not None and nd is not None and np.isfinite(nd)
                 and self.reference.null_depth_floor > 0):
@@ -956,9 +978,12 @@ class MainWindow(QtWidgets.QMainWindow):
             scatter = getattr(self.reference, "null_depth_scatter", float("nan"))
             where = ""
             if np.isfinite(scatter) and scatter > 0:
-                where = (" (at the floor within the noise)" if nd < self.reference.null_depth_floor
-                         + 2 * scatter else " (above the floor: an aberration or the mask limits "
-                         "it)")
+                if nd >= self.reference.null_depth_floor + 2 * scatter:
+                    where = " (above the floor: an aberration, the mask or a fault limits it)"
+                elif aligned:
+                    where = " (at the floor within the noise)"
+                else:
+                    where = " (near the floor, but the residual says aberrated: the bead hides it)"
             parts.append(f"null {100 * nd:.3g} % = {ratio:.2g} × the bead floor "
                          f"{100 * self.reference.null_depth_floor:.2g} %{where}")
         self.diagnosis = display_text("; ".join(p for p in parts if p))   # null depths in % throughout

@@ -3,8 +3,9 @@
 The loop and its diagnosers write null depths as fractions (``measured null 0.0246 +- 0.0061 vs
 the bead floor 0.0262 (+0.008)``), lengths in ``um`` and the RMS of a correction over Noll >= 5
 only; the window writes null depths in percent everywhere else. :func:`display_text` rewrites a
-line for the window: null depths, floors and their margins in percent, ``um`` as ``µm``, and the
-correction's RMS named as the higher-order one it is. A line it does not recognise is unchanged.
+line for the window: null depths, floors and their margins in percent, ``um`` as ``µm``, a
+measured residual's ``+-`` as ``±`` (it stays in rad), and the correction's RMS named as the
+higher-order one it is. A line it does not recognise is unchanged.
 
 :data:`LOOP_ITERATION_LINE` matches the loop's own per-iteration decision line (``iteration 0:
 applied``, numbered from 0 within a run); the window writes that decision itself, numbered like
@@ -24,6 +25,8 @@ _NULL = re.compile(r"\b(null(?: depth)?|floor) " + _NUMBER + r"(?: \+- " + _NUMB
 _MARGIN_PAREN = re.compile(r"(floor [\d.]+ %) \(\+(\d*\.?\d+)( margin)?\)")
 _MARGIN_PLUS = re.compile(r"(floor [\d.]+ %) \+ (\d*\.?\d+)(?![\d.]*\s*%)")
 _UM = re.compile(r"(\d|\)) um\b")
+# the measured residual (calibration.quality): "residual 0.012 +- 0.006 rad" -> "± "
+_RESIDUAL_PM = re.compile(r"\b(residual \d+\.\d+) \+- (\d+\.\d+ rad)")
 _CORRECTION_RMS = "applied correction: RMS "
 
 
@@ -46,6 +49,7 @@ def display_text(line: str) -> str:
     text = _MARGIN_PAREN.sub(lambda m: f"{m.group(1)} (+{percent(float(m.group(2)))} %{m.group(3) or ''})", text)
     text = _MARGIN_PLUS.sub(lambda m: f"{m.group(1)} + {percent(float(m.group(2)))} %", text)
     text = _UM.sub(r"\1 µm", text)
+    text = _RESIDUAL_PM.sub(r"\1 ± \2", text)
     return text.replace(_CORRECTION_RMS, "applied correction: higher-order (Noll ≥ 5) RMS ")
 
 

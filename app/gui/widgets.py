@@ -14,6 +14,8 @@ import numpy as np
 import pyqtgraph as pg
 from PyQt5 import QtCore, QtGui, QtWidgets
 
+from autoalign.calibration.quality import ALIGNED_RAD as QUALITY_ALIGNED_RAD
+
 pg.setConfigOptions(antialias=True, imageAxisOrder="row-major", background="w", foreground="k")
 
 try:
@@ -737,15 +739,19 @@ class ModeBarChart(pg.PlotWidget):
 
 
 class HistoryPlots(QtWidgets.QWidget):
-    """Per-iteration history: residual RMS (predicted and true) and null depth (log scale; values
-    below ``NULL_FLOOR``, including a fitted 0, are drawn at the floor), with the expected floor
-    of the null for the bead (dashed) and a text slot for what limits the null.
+    """Per-iteration history: residual RMS (predicted and true) and the measured quality plot: the
+    MEASURED residual wavefront of each stack first (``quality_rad`` +- ``quality_sigma_rad``,
+    :mod:`calibration.quality`; left axis, rad RMS, log scale) with the aligned threshold (dotted),
+    the null depth second (right axis, log scale; values below ``NULL_FLOOR``, including a fitted
+    0, are drawn at the floor) with the expected floor of the null for the bead (dashed), and a
+    text slot for what limits the alignment.
 
     The x axis counts iterations done: the stack of iteration k (0-based) shows the state after k
     iterations. :meth:`set_current` adds the state on the SLM now (after the last iteration, or
     after a best-restore) as the last point (a star); the next record at that x replaces it."""
 
     NULL_FLOOR = 1e-4
+    QUALITY_FLOOR = 1e-3   # rad: a measured residual below it is drawn at it
 
     def __init__(self, parent=None, horizontal: bool = True) -> None:
         super().__init__(parent)
@@ -760,11 +766,20 @@ class HistoryPlots(QtWidgets.QWidget):
         self.residual.plotItem.getAxis("left").enableAutoSIPrefix(False)
         self.residual.plotItem.showGrid(x=True, y=True, alpha=0.3)
         self.null = pg.PlotWidget()
-        self.null.plotItem.setTitle("Null depth (log scale)", size="9pt")
-        # log10 of the null depth on a linear axis with our own ticks (pyqtgraph's log axis
-        # crowds the labels within one decade): decades labelled in %, 2..9 unlabelled
-        self.null.plotItem.setLabel("left", "centre / peak")
+        self.null.plotItem.setTitle("Measured residual, then null depth (log scales)", size="9pt")
+        # log10 of the figures on linear axes with our own ticks (pyqtgraph's log axis crowds the
+        # labels within one decade): the measured residual on the left in rad, the null depth on
+        # the right (its own view box, x linked) in %; decades labelled, 2..9 unlabelled
+        self.null.plotItem.setLabel("left", "measured residual (rad RMS)")
+        self.null.plotItem.getAxis("left").enableAutoSIPrefix(False)
+        self.null.plotItem.showAxis("right")
+        self.null.plotItem.setLabel("right", "null depth (centre / peak)")
         self.null.plotItem.showGrid(x=True, y=True, alpha=0.3)
+        self.null_box = pg.ViewBox(enableMouse=False)
+        self.null.plotItem.scene().addItem(self.null_box)
+        self.null.plotItem.getAxis("right").linkToView(self.null_box)
+        self.null_box.setXLink(self.null.plotItem)
+        self.null.plotItem.vb.sigResized.connect(self._sync_null_box)
         for w in (self.residual, self.null):
             w.plotItem.setLabel("bottom", "iterations done")
             _small_axes(w.plotItem, 7)
@@ -776,36 +791,55 @@ class HistoryPlots(QtWidgets.QWidget):
         self.diagnosis_label.setWordWrap(True)
         self.diagnosis_label.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
         self.diagnosis_label.setStyleSheet("font-size: 8pt")
-        self.diagnosis_label.setToolTip("What limits the null (from the last run)")
+        self.diagnosis_label.setToolTip("What limits the alignment (from the last run)")
         outer.addWidget(self.diagnosis_label)
         sym = dict(symbol="o", symbolSize=6)
         self.pred_curve = self.residual.plot([], [], pen=pg.mkPen((230, 120, 20), width=2),
                                              symbolBrush=(230, 120, 20), **sym)
         self.true_curve = self.residual.plot([], [], pen=pg.mkPen((20, 150, 60), width=2),
                                              symbolBrush=(20, 150, 60), **sym)
-        self.null_curve = self.null.plot([], [], pen=pg.mkPen((30, 100, 200), width=2),
-                                         symbolBrush=(30, 100, 200), **sym)
-        self.now_marker = self.null.plot([], [], pen=None, symbol="star", symbolSize=13,
-                                         symbolBrush=(200, 30, 30), symbolPen="k")
+        # first: the measured residual (left axis), its error bars and the aligned threshold
+        self.quality_curve = self.null.plot([], [], pen=pg.mkPen((120, 40, 160), width=2.5),
+                                            symbolBrush=(120, 40, 160), symbol="o", symbolSize=7)
+        self.quality_bars = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), top=np.zeros(0), bottom=np.zeros(0),
+                                            beam=0.12, pen=pg.mkPen((120, 40, 160), width=1))
+        self.null.plotItem.addItem(self.quality_bars)
+        self.quality_now = self.null.plot([], [], pen=None, symbol="star", symbolSize=14,
+                                          symbolBrush=(200, 30, 30), symbolPen="k")
+        self.aligned_line = pg.InfiniteLine(angle=0, movable=False,
+                                            pos=math.log10(QUALITY_ALIGNED_RAD),
+                                            pen=pg.mkPen((120, 40, 160), width=1.2, style=QtCore.Qt.DotLine))
+        self.null.plotItem.addItem(self.aligned_line)
+        self.aligned_sample = pg.PlotDataItem(pen=pg.mkPen((120, 40, 160), width=1.2, style=QtCore.Qt.DotLine))
+        # second: the null depth (right axis, its own view box)
+        self.null_curve = pg.PlotDataItem([], [], pen=pg.mkPen((30, 100, 200), width=1.2,
+                                                                style=QtCore.Qt.DashDotLine),
+                                          symbolBrush=(30, 100, 200), symbol="t", symbolSize=5)
+        self.null_box.addItem(self.null_curve)
+        self.now_marker = pg.PlotDataItem([], [], pen=None, symbol="star", symbolSize=8,
+                                          symbolBrush=(30, 100, 200), symbolPen="k")
+        self.null_box.addItem(self.now_marker)
         self.floor_line = pg.InfiniteLine(angle=0, movable=False,
                                           pen=pg.mkPen((90, 90, 90), width=1.5,
                                                        style=QtCore.Qt.DashLine))
         self.floor_line.setVisible(False)
-        self.null.plotItem.addItem(self.floor_line)
+        self.null_box.addItem(self.floor_line)
         self.floor_band = pg.LinearRegionItem(orientation="horizontal", movable=False,
                                               brush=pg.mkBrush(120, 120, 120, 40),
                                               pen=pg.mkPen(None))
         self.floor_band.setVisible(False)
         self.floor_band.setZValue(-10)
-        self.null.plotItem.addItem(self.floor_band)
+        self.null_box.addItem(self.floor_band)
         self.floor_sample = pg.PlotDataItem(pen=pg.mkPen((90, 90, 90), width=1.5,
                                                          style=QtCore.Qt.DashLine))
         self.residual_legend = legend_below(self.residual.plotItem, columns=2)
         self.residual_legend.addItem(self.pred_curve, "predicted")
         self.residual_legend.addItem(self.true_curve, "true (simulated)")
-        self.null_legend = legend_below(self.null.plotItem, columns=2)
-        self.null_legend.addItem(self.null_curve, "measured")
-        self.null_legend.addItem(self.now_marker, "SLM now")
+        self.null_legend = legend_below(self.null.plotItem, columns=3)
+        self.null_legend.addItem(self.quality_curve, "measured residual")
+        self.null_legend.addItem(self.quality_now, "SLM now")
+        self.null_legend.addItem(self.aligned_sample, f"aligned ≤ {QUALITY_ALIGNED_RAD:g} rad")
+        self.null_legend.addItem(self.null_curve, "null (right)")
         self.floor_label = "bead floor"
         self.null_legend.addItem(self.floor_sample, self.floor_label)
         self.floor: float | None = None
@@ -814,8 +848,15 @@ class HistoryPlots(QtWidgets.QWidget):
         self.current: dict | None = None
         self.clear()
 
+    def _sync_null_box(self) -> None:
+        """Keep the null's view box on the plot's data area (x linked, y its own)."""
+        vb = self.null.plotItem.vb
+        self.null_box.setGeometry(vb.sceneBoundingRect())
+        self.null_box.linkedViewChanged(vb, self.null_box.XAxis)
+
     def clear(self) -> None:
-        self.data = {"iteration": [], "null_depth": [], "predicted_residual_rms": []}
+        self.data = {"iteration": [], "null_depth": [], "predicted_residual_rms": [],
+                     "quality_rad": [], "quality_sigma_rad": []}
         self.labels: list[str] = []
         self.true_residual: dict[int, float] = {}
         self.current = None
@@ -829,7 +870,7 @@ class HistoryPlots(QtWidgets.QWidget):
             self.current = None
         self.data["iteration"].append(k)
         self.labels.append(label)
-        for key in ("null_depth", "predicted_residual_rms"):
+        for key in ("null_depth", "predicted_residual_rms", "quality_rad", "quality_sigma_rad"):
             v = metrics.get(key)
             self.data[key].append(float("nan") if v is None else float(v))
         measured = metrics.get("true_residual_rms_measured")
@@ -847,9 +888,14 @@ class HistoryPlots(QtWidgets.QWidget):
         """The state on the SLM now, imaged after the last iteration (or after a best-restore):
         the last point, at x = the number of records."""
         k = len(self.data["iteration"])
-        nd = metrics.get("null_depth")
-        self.current = {"x": k, "null_depth": float("nan") if nd is None else float(nd),
-                        "label": str(label), "metrics": dict(metrics)}
+
+        def value(key: str) -> float:
+            v = metrics.get(key)
+            return float("nan") if v is None else float(v)
+
+        self.current = {"x": k, "null_depth": value("null_depth"), "quality_rad": value("quality_rad"),
+                        "quality_sigma_rad": value("quality_sigma_rad"), "label": str(label),
+                        "metrics": dict(metrics)}
         true = metrics.get("true_residual_rms")
         if true is not None and np.isfinite(true):
             self.true_residual[k] = float(true)
@@ -881,18 +927,22 @@ class HistoryPlots(QtWidgets.QWidget):
         self._redraw()
 
     def set_diagnosis(self, text: str) -> None:
-        """What limits the null, as one text (the run's stop reason and any diagnosis)."""
+        """What limits the alignment, as one text (the run's stop reason and any diagnosis)."""
         self.diagnosis = str(text or "")
         self.diagnosis_label.setText(self.diagnosis)
-        self.diagnosis_label.setToolTip(self.diagnosis or "What limits the null (from the last run)")
+        self.diagnosis_label.setToolTip(self.diagnosis or "What limits the alignment (from the last run)")
 
     def points(self) -> list[dict]:
-        """Every null-depth point drawn, in order: x, null depth, label; the current state last."""
-        out = [{"x": x, "null_depth": v, "label": lab, "current": False}
-               for x, v, lab in zip(self.data["iteration"], self.data["null_depth"], self.labels)]
+        """Every point drawn, in order: x, measured residual (``quality_rad``, its sigma), null
+        depth, label; the current state last."""
+        d = self.data
+        out = [{"x": x, "quality_rad": q, "quality_sigma_rad": qs, "null_depth": v, "label": lab, "current": False}
+               for x, q, qs, v, lab in zip(d["iteration"], d["quality_rad"], d["quality_sigma_rad"],
+                                           d["null_depth"], self.labels)]
         if self.current is not None:
-            out.append({"x": self.current["x"], "null_depth": self.current["null_depth"],
-                        "label": self.current["label"], "current": True})
+            c = self.current
+            out.append({"x": c["x"], "quality_rad": c["quality_rad"], "quality_sigma_rad": c["quality_sigma_rad"],
+                        "null_depth": c["null_depth"], "label": c["label"], "current": True})
         return out
 
     @staticmethod
@@ -919,19 +969,49 @@ class HistoryPlots(QtWidgets.QWidget):
             self.now_marker.setData([xs[-1]], [logs[-1]])
         else:
             self.now_marker.setData([], [])
+        # the measured residual: log10 of rad, error bars from value - sigma to value + sigma
+        qx, qv, qlo, qhi = [], [], [], []
+        for p in pts:
+            v, sd = p["quality_rad"], p["quality_sigma_rad"]
+            if not np.isfinite(v):
+                continue
+            sd = sd if np.isfinite(sd) else 0.0
+            qx.append(p["x"])
+            qv.append(math.log10(max(v, self.QUALITY_FLOOR)))
+            qlo.append(math.log10(max(v - sd, self.QUALITY_FLOOR)))
+            qhi.append(math.log10(max(v + sd, self.QUALITY_FLOOR)))
+        self.quality_curve.setData(qx, qv)
+        self.quality_bars.setData(x=np.asarray(qx, dtype=float), y=np.asarray(qv, dtype=float),
+                                  top=np.asarray(qhi, dtype=float) - np.asarray(qv, dtype=float),
+                                  bottom=np.asarray(qv, dtype=float) - np.asarray(qlo, dtype=float))
+        if self.current is not None and qx and qx[-1] == self.current["x"]:
+            self.quality_now.setData([qx[-1]], [qv[-1]])
+        else:
+            self.quality_now.setData([], [])
         xmax = max([1] + list(it) + [p["x"] for p in pts] + list(ks))
         for plot in (self.residual, self.null):   # side by side: the same x range, not linked
             plot.plotItem.setXRange(-0.3, xmax + 0.3, padding=0)
+        qspan = qlo + qhi + [math.log10(QUALITY_ALIGNED_RAD)]
+        lo = math.floor(min(qspan) + 1e-9)
+        hi = max(math.ceil(max(qspan) - 1e-9), lo + 1)
+        self.null.plotItem.setYRange(lo, hi, padding=0.1)
+        major = [(float(k), self._rad(10.0 ** k)) for k in range(lo, hi + 1)]
+        minor = [(k + math.log10(m), "") for k in range(lo, hi) for m in range(2, 10)]
+        self.null.plotItem.getAxis("left").setTicks([major, minor])
         span = list(logs)
         if self.floor is not None:
             span.append(math.log10(max(self.floor, self.NULL_FLOOR)))
         if span:  # whole decades in view, so that there are labelled ticks
             lo = math.floor(min(span) + 1e-9)
             hi = max(math.ceil(max(span) - 1e-9), lo + 1)
-            self.null.plotItem.setYRange(lo, hi, padding=0.1)
+            self.null_box.setYRange(lo, hi, padding=0.1)
             major = [(float(k), self._percent(10.0 ** k)) for k in range(lo, hi + 1)]
             minor = [(k + math.log10(m), "") for k in range(lo, hi) for m in range(2, 10)]
-            self.null.plotItem.getAxis("left").setTicks([major, minor])
+            self.null.plotItem.getAxis("right").setTicks([major, minor])
+
+    @staticmethod
+    def _rad(value: float) -> str:
+        return f"{value:.0f}" if value >= 1 else f"{value:.{max(0, -math.floor(math.log10(value)))}f}"
 
     @staticmethod
     def _percent(value: float) -> str:

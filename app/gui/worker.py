@@ -292,13 +292,30 @@ class AlignWorker(QtCore.QObject):
             self.reference.emit(ideal_reference(self.settings))
         except Exception as exc:  # noqa: BLE001 - the window works without it
             self.log.emit(f"WARNING: no ideal donut for comparison: {exc}")
+        if not callable(getattr(self.loop, "ideal_sections", None)):
+            return
+        try:   # what the measured quality figure compares with, once (~5 s): not inside a run
+            from autoalign.calibration.quality import shape_constant
+
+            self.loop.ideal_sections()
+            shape_constant(self.settings)
+        except Exception as exc:  # noqa: BLE001 - the loop then reads no shape figure, and says so
+            self.log.emit(f"WARNING: no shape calibration for the measured residual: {exc}")
 
     def _image_current_state(self, event: str) -> None:
         """Acquire once more so the window shows the state on the SLM now (after a run, a
         best-restore, a single correction, a zero or a load). A failure is only reported."""
         try:
             m = self.loop.acquire()
-            metrics = dict(self.loop.metrics(m))
+            # the measured residual as the run measured it: with the estimator's model fit when it
+            # reads one stack (not a probing one: it would change the SLM), else the donut's shape
+            est = None
+            if getattr(m, "valid", False) and not getattr(self.loop.estimator, "probes", True):
+                try:
+                    est = self.loop.estimator.estimate(m)
+                except Exception:  # noqa: BLE001 - the shape still reads it
+                    est = None
+            metrics = dict(self.loop.metrics(m, None, est))
             self.current_state.emit({"event": event, "metrics": metrics,
                                      "correction": self.loop.correction.copy(),
                                      "valid": bool(getattr(m, "valid", True)),
