@@ -766,7 +766,7 @@ class HistoryPlots(QtWidgets.QWidget):
         self.residual.plotItem.getAxis("left").enableAutoSIPrefix(False)
         self.residual.plotItem.showGrid(x=True, y=True, alpha=0.3)
         self.null = pg.PlotWidget()
-        self.null.plotItem.setTitle("Measured residual, then null depth (log scales)", size="9pt")
+        self.null.plotItem.setTitle("Measured residual, null (log)", size="9pt")
         # log10 of the figures on linear axes with our own ticks (pyqtgraph's log axis crowds the
         # labels within one decade): the measured residual on the left in rad, the null depth on
         # the right (its own view box, x linked) in %; decades labelled, 2..9 unlabelled
@@ -835,10 +835,10 @@ class HistoryPlots(QtWidgets.QWidget):
         self.residual_legend = legend_below(self.residual.plotItem, columns=2)
         self.residual_legend.addItem(self.pred_curve, "predicted")
         self.residual_legend.addItem(self.true_curve, "true (simulated)")
-        self.null_legend = legend_below(self.null.plotItem, columns=3)
-        self.null_legend.addItem(self.quality_curve, "measured residual")
+        self.null_legend = legend_below(self.null.plotItem, columns=2)
+        self.null_legend.addItem(self.quality_curve, "residual")
         self.null_legend.addItem(self.quality_now, "SLM now")
-        self.null_legend.addItem(self.aligned_sample, f"aligned ≤ {QUALITY_ALIGNED_RAD:g} rad")
+        self.null_legend.addItem(self.aligned_sample, f"aligned ≤ {QUALITY_ALIGNED_RAD:g}")
         self.null_legend.addItem(self.null_curve, "null (right)")
         self.floor_label = "bead floor"
         self.null_legend.addItem(self.floor_sample, self.floor_label)
@@ -846,6 +846,7 @@ class HistoryPlots(QtWidgets.QWidget):
         self.diagnosis = ""
         self.data: dict[str, list[float]] = {}
         self.current: dict | None = None
+        self._fit_widths()
         self.clear()
 
     def _sync_null_box(self) -> None:
@@ -915,7 +916,9 @@ class HistoryPlots(QtWidgets.QWidget):
             bead = "" if bead_diameter_um is None else f" {1000 * bead_diameter_um:.0f} nm"
             pm = "" if self.floor_scatter is None else f" ± {100 * self.floor_scatter:.1g}"
             value = f"{100 * self.floor:.2g}" if self.floor > 0 else "0"
-            self.floor_label = f"floor{bead}: {value}{pm} %"
+            # the scatter is the grey band; the label stays short (the plot's width is the legend's)
+            self.floor_label = f"floor{bead}: {value} %"
+            self.floor_line.setToolTip(f"null floor{bead}: {value}{pm} %")
             if self.floor_scatter is not None:
                 lo = max(self.floor - self.floor_scatter, self.NULL_FLOOR)
                 self.floor_band.setRegion((math.log10(lo),
@@ -924,7 +927,15 @@ class HistoryPlots(QtWidgets.QWidget):
             self.floor_label = "bead floor"
         self.null_legend.removeItem(self.floor_sample)
         self.null_legend.addItem(self.floor_sample, self.floor_label)
+        self._fit_widths()
         self._redraw()
+
+    def _fit_widths(self) -> None:
+        """Each plot at least as wide as its axes and legend need (the view's own minimum is
+        smaller: the scene was clipped on the right, the null's axis first)."""
+        for w in (self.residual, self.null):
+            need = w.plotItem.effectiveSizeHint(QtCore.Qt.MinimumSize).width()
+            w.setMinimumWidth(max(180, int(math.ceil(need)) + 4))
 
     def set_diagnosis(self, text: str) -> None:
         """What limits the alignment, as one text (the run's stop reason and any diagnosis)."""
