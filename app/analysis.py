@@ -208,91 +208,189 @@ def summary_lines(analysis: StackAnalysis) -> list[str]:
     return lines
 
 
-def _network_readings(scans: Any, settings: Any) -> dict[str, Any]:
-    """The coarse and fine networks' readings of section scans resampled onto their grid (only
-    meaningful for the beam and optics they were trained for: the settings')."""
+#: the beam of a section scan's channel by the role its name says (hardware.recorded.channel_role):
+#: an excitation / confocal channel is a focus; a depletion channel (and a channel whose name says
+#: neither) is the beam the command was given
+ROLE_BEAMS = {"excitation": "none"}
+
+
+def scan_beam(channel: str, beam: str) -> tuple[str, str]:
+    """The beam to model a channel's section scans with, and why (in words): ``none`` for a channel
+    whose name says excitation / confocal / Gaussian, else ``beam`` (the depletion beam given)."""
+    from autoalign.hardware.recorded import channel_role
+
+    role = channel_role(channel or "")
+    if role in ROLE_BEAMS:
+        return ROLE_BEAMS[role], f"channel {channel!r}: role {role} (by its name): beam {ROLE_BEAMS[role]} (a focus)"
+    if role:
+        return beam, f"channel {channel!r}: role {role} (by its name): beam {beam} (--beam)"
+    return beam, f"channel {channel!r}: no role in its name: beam {beam} (--beam)"
+
+
+def _network_readings(scans: Any, settings: Any, instrument: Instrument | None = None) -> dict[str, Any]:
+    """The coarse and fine networks' readings of section scans resampled onto their grid (anti-
+    aliased, :func:`calibration.resample.resample_scans`). Only meaningful for the beam and optics
+    they were trained for (the settings'): ``optics_differ`` names what differs from ``instrument``."""
     from autoalign.calibration.resample import resample_scans
     from autoalign.models.predictor import Predictor
 
     out: dict[str, Any] = {}
-    rs = resample_scans(scans, settings.camera.pixel_size_um, settings.camera.roi_px, settings.stack.z_step_um)
-    out["resampled_outside_fraction"] = float(getattr(rs, "outside_fraction", float("nan")))
+    try:
+        rs = resample_scans(scans, settings.camera.pixel_size_um, settings.camera.roi_px, settings.stack.z_step_um)
+    except ValueError as exc:
+        return {"error": f"cannot resample the sections onto the networks' grid: {exc}"}
+    out["grid"] = {"pixel_um": float(settings.camera.pixel_size_um), "n_px": int(settings.camera.roi_px),
+                   "z_step_um": float(settings.stack.z_step_um)}
+    out["resampled_outside_fraction"] = [float(v) for v in rs.outside_fraction]
+    if instrument is not None:
+        o = settings.optics
+        differ = [f"{name} {mine:g} (networks: {theirs:g})" for name, mine, theirs in (
+            ("NA", instrument.numerical_aperture, o.numerical_aperture),
+            ("immersion index", instrument.immersion_index, o.immersion_index),
+            ("wavelength µm", instrument.wavelength_um, o.wavelength_um)) if not math.isclose(mine, theirs, rel_tol=1e-3)]
+        out["optics_differ"] = differ
     for label, path in (("coarse", settings.model.checkpoint), ("fine", settings.model.fine_checkpoint)):
         if not path:
             continue
         try:
             pred = Predictor.load(path, settings, fast=False).predict(rs.sections)
         except Exception as exc:  # noqa: BLE001 - report what went wrong, keep the analysis
-            out[label] = {"error": str(exc)}
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        out[label] = {"coefficients_rad": {str(j): c for j, c in pred.coefficients.items()},
-                      "mask_offset": list(pred.mask_offset) if pred.mask_offset else None}
+        out[label] = {"coefficients_rad": {str(j): float(c) for j, c in pred.coefficients.items()},
+                      "mask_offset": [float(v) for v in pred.mask_offset] if pred.mask_offset else None}
     return out
+
+
+def _wavelength_note(channel: str, instrument: Instrument) -> str | None:
+    """A channel name with a wavelength in nm (``"Confocal 640"``) that differs from the one modelled."""
+    import re
+
+    found = [int(m) for m in re.findall(r"(?<!\d)(\d{3,4})(?!\d)", channel or "") if 350 <= int(m) <= 1700]
+    if not found:
+        return None
+    nm = found[0]
+    if math.isclose(nm / 1000, instrument.wavelength_um, rel_tol=0.03):
+        return None
+    return (f"channel {channel!r}: its name says {nm} nm, modelled at {instrument.wavelength_um:g} µm "
+            f"(--wavelength-um); if this channel's light is {nm} nm, analyse it alone: --channel '{channel}' "
+            f"--wavelength-um {nm / 1000:g}")
 
 
 def analyse_scans(scans: Any, instrument: Instrument, beam: str,
                   progress: Callable[[str], None] | None = None, settings: Any = None,
-                  confocal: bool = True) -> tuple[Any, dict[str, Any]]:
+                  confocal: bool = True, modes: tuple[int, ...] = COMPARE_MODES,
+                  orientation: str = "focus") -> tuple[Any, dict[str, Any]]:
     """Fit one bead's section scans (xy/xz/yz of a scanning microscope) and read them with the
-    networks (vortex beam): the :class:`calibration.psf_fit.SectionFit` and the JSON entry (with
-    ``summary`` lines; :func:`app.analysis_report.write_sections_report` draws it)."""
-    import torch
+    networks (vortex beam): the :class:`calibration.section_fit.SectionFit` and the JSON entry (with
+    ``summary`` and ``limits`` lines; :func:`app.analysis_report.write_sections_report` draws it).
 
-    from autoalign.calibration.section_fit import fit_sections
+    ``beam`` is the depletion beam; the channel's beam is :func:`scan_beam`'s (an excitation /
+    confocal channel, by its name, is a focus: ``none``). ``confocal``: the signal was detected
+    through the pinhole (``instrument.pinhole_au`` Airy units; a gold bead scanned by a STED
+    microscope), else the data are the illumination itself (``--scan-detection direct``). The
+    entry says how much confocal detection changes the model (``confocal_effect_of_peak``: the
+    largest difference between the model with and without it, both at the fitted parameters,
+    fraction of the section's peak). ``orientation``: how the pixels map onto the focus
+    (:data:`calibration.section_fit.ORIENTATIONS`; ``focus``, the default: the focus at scan - bead,
+    as the project's simulator and tests/obf_writer.py's files draw it; ``mirrored``: a focus
+    scanned over a fixed bead, the focus at bead - scan)."""
+    from autoalign.calibration.section_fit import QUADRATURE_CHI2, fit_sections, pinhole_radius_um
     from autoalign.settings import load_settings
 
     settings = settings or load_settings(None)
-    fit = fit_sections(scans, instrument, beam=beam, confocal=confocal, progress=progress)
+    beam_used, beam_rule = scan_beam(scans.channel, beam)
+    fit = fit_sections(scans, instrument, beam=beam_used, modes=modes, confocal=confocal, progress=progress,
+                       orientation=orientation)
+    effect = max(fit.detection_effect.values()) if fit.detection_effect else float("nan")
+    sections = {}
+    for key in fit.data:
+        rows, cols = fit.axes_um[key]
+        sections[key] = {"shape_binned": list(fit.data[key].shape), "bin_factor": fit.bin_factor[key],
+                         "pixel_um_binned": list(fit.pixel_um[key]), "photons": fit.photons[key],
+                         "background_per_px": fit.background[key], "peak_counts": float(fit.data[key].max()),
+                         "plane_offset_from_bead_um": fit.plane_offset_um[key],
+                         "confocal_effect_of_peak": fit.detection_effect.get(key, float("nan"))}
     entry: dict[str, Any] = {
-        "channel": scans.channel, "name": scans.name, "beam": beam, "confocal_detection": confocal,
+        "channel": scans.channel, "name": scans.name, "beam": beam_used, "beam_rule": beam_rule,
+        "detection": "confocal" if confocal else "direct", "confocal_detection": confocal,
+        "orientation": orientation,
+        "pinhole_au": fit.pinhole_au, "pinhole_radius_um": pinhole_radius_um(instrument),
+        "confocal_effect_of_peak": effect,
         "fit": {"valid": fit.valid, "verdict": fit.verdict, "reasons": fit.reasons,
                 "deviance_per_dof": fit.deviance_per_dof, "chi2_per_dof": fit.chi2_per_dof,
                 "structure_p": {str(b): p for b, p in fit.structure_p.items()},
                 "model_error_fraction": fit.model_error_fraction,
+                "modes": list(modes),
                 "coefficients_rad": {str(j): c for j, c in fit.coefficients.items()},
                 "sigma_rad": {str(j): c for j, c in fit.sigma.items()},
+                "sigma_fisher_rad": {str(j): c for j, c in fit.sigma_fisher.items()},
+                "sigma_sandwich_rad": {str(j): c for j, c in fit.sigma_sandwich.items()},
                 "mask_offset": list(fit.mask_offset), "mask_offset_sigma": list(fit.mask_offset_sigma),
                 "bead_um": list(fit.bead_um), "bead_sigma_um": list(fit.bead_sigma_um),
-                "bin_factor": fit.bin_factor, "elapsed_s": fit.elapsed_s},
+                "bin_factor": fit.bin_factor, "pupil_samples": fit.pupil_samples,
+                "quadrature_chi2": fit.quadrature_chi2,
+                "evaluations": fit.evaluations, "elapsed_s": fit.elapsed_s},
+        "sections": sections,
+        "instrument": instrument.to_dict()["instrument"],
     }
-    # how much the confocal detection matters: the illumination alone, best scaled, against the fit
-    if confocal:
-        from autoalign.calibration.section_fit import _SectionProblem
-
-        problem = _SectionProblem(scans, instrument, beam, sorted(fit.coefficients), False)
-        theta = torch.zeros(len(problem.names), dtype=torch.float64)
-        for i, n in enumerate(problem.names):
-            if n.startswith("Z"):
-                theta[i] = fit.coefficients[int(n[1:])]
-            elif n in ("bead_x_um", "bead_y_um", "bead_z_um"):
-                theta[i] = fit.bead_um[("bead_x_um", "bead_y_um", "bead_z_um").index(n)]
-            elif n.startswith("mask_offset"):
-                theta[i] = fit.mask_offset[0 if n.endswith("x") else 1]
-        worst = 0.0
-        with torch.no_grad():
-            for k, key in enumerate(problem.keys):
-                ill = problem.intensity(theta, k).numpy()
-                conf = fit.model[key] - fit.background[key]
-                scale = float((ill * conf).sum() / max(float((ill * ill).sum()), 1e-30))
-                worst = max(worst, float(np.abs(conf - scale * ill).max() / max(float(conf.max()), 1e-30)))
-        entry["confocal_effect_of_peak"] = worst
-    if beam == "vortex":
-        entry["networks"] = _network_readings(scans, settings)
-    summary = [f"section scans {scans.name or scans.channel}: {', '.join(fit.data)} ({beam} beam, "
-               f"{'confocal' if confocal else 'direct'} detection), fit {fit.elapsed_s:.1f} s", "  " + fit.verdict,
-               f"  aberration Noll 5..22: {math.sqrt(sum(c * c for j, c in fit.coefficients.items() if j <= 22)):.3f} "
-               f"rad RMS; mask offset ({fit.mask_offset[0]:+.3f}, {fit.mask_offset[1]:+.3f}) +- "
-               f"({fit.mask_offset_sigma[0]:.3f}, {fit.mask_offset_sigma[1]:.3f}) pupil radii"]
-    if "confocal_effect_of_peak" in entry:
-        summary.append(f"  confocal detection changes the model by up to {100 * entry['confocal_effect_of_peak']:.0f} % "
-                       "of the section's peak against the illumination alone (it matters)")
+    limits: list[str] = []
+    if not fit.valid:
+        limits.append("the instrument model does not explain these sections: " + "; ".join(fit.reasons)
+                      + f"; its residual is {100 * fit.model_error_fraction:.1f} % of the local intensity beyond the "
+                      "counting noise" + ("" if instrument.source else
+                                          " (nominal instrument: calibrate it, 'autoalign calibrate instrument')"))
+    if fit.quadrature_chi2 > QUADRATURE_CHI2:
+        limits.append(f"pupil quadrature: {fit.pupil_samples} nodes (the cap) change the model by a chi^2 distance of "
+                      f"{fit.quadrature_chi2:.2f} against 1.5x the nodes (> {QUADRATURE_CHI2}): the estimate may be "
+                      "biased by the quadrature")
+    note = _wavelength_note(scans.channel, instrument)
+    if note:
+        limits.append(note)
+    limits.append(f"detection: {'confocal' if confocal else 'direct'} (--scan-detection); confocal detection through "
+                  f"a {fit.pinhole_au:g} AU pinhole changes the model by up to {100 * effect:.0f} % of the peak"
+                  + (" (the detection PSF is modelled unaberrated, without a mask)" if confocal else
+                     ": if these data were detected through a pinhole, analyse with --scan-detection confocal"))
+    limits.append(f"orientation: {orientation} (the pixels show the focus at "
+                  + ("scan - bead, as the simulator draws it" if orientation == "focus" else "bead - scan")
+                  + "); a focus scanned over a fixed bead records its point reflection, which negates every "
+                  "coefficient and flips the vortex's handedness: its orientation is 'mirrored'")
+    if instrument.bead_diameter_um > 0:
+        limits.append(f"bead: a {1000 * instrument.bead_diameter_um:.0f} nm sphere, as its projection onto each "
+                      "plane times its marginal across it (exact second moments; mixed fourth moments approximate)")
+    far = [k for k, v in fit.plane_offset_um.items() if abs(v) > 0.1]
+    if far:
+        limits.append("sections not through the bead (modelled as recorded): " + ", ".join(
+            f"{k} {1000 * fit.plane_offset_um[k]:+.0f} nm" for k in far))
+    if beam_used == "vortex":
+        entry["networks"] = _network_readings(scans, settings, instrument)
+        if entry["networks"].get("optics_differ"):
+            limits.append("the networks were trained for other optics (" + "; ".join(entry["networks"]["optics_differ"])
+                          + "): their readings do not apply")
+        if confocal:
+            limits.append("the networks read the illumination (camera sections); they do not know the confocal "
+                          "detection, which changes these sections by up to "
+                          f"{100 * effect:.0f} % of the peak")
+    entry["limits"] = limits
+    rms = math.sqrt(sum(c * c for j, c in fit.coefficients.items() if j <= 22))
+    summary = [f"section scans {scans.name or scans.channel}: {', '.join(fit.data)} ({beam_used} beam, "
+               f"{'confocal' if confocal else 'direct'} detection), fit {fit.elapsed_s:.1f} s, "
+               f"{fit.pupil_samples} pupil nodes", "  " + beam_rule, "  " + fit.verdict,
+               f"  aberration Noll {min(modes, default=0)}..{max(modes, default=0)}: {rms:.3f} rad RMS"
+               + (f"; mask offset ({fit.mask_offset[0]:+.3f}, {fit.mask_offset[1]:+.3f}) +- "
+                  f"({fit.mask_offset_sigma[0]:.3f}, {fit.mask_offset_sigma[1]:.3f}) pupil radii"
+                  if beam_used != "none" else ""),
+               f"  bead at ({fit.bead_um[0]:.4f}, {fit.bead_um[1]:.4f}, {fit.bead_um[2]:.4f}) µm"]
     nets = entry.get("networks", {})
     for label in ("coarse", "fine"):
         if label in nets and "coefficients_rad" in nets[label]:
             c = {int(k): v for k, v in nets[label]["coefficients_rad"].items()}
-            cmp_ = compare_estimates(fit.coefficients, fit.sigma, c, {})
+            cmp_ = compare_estimates(fit.coefficients, fit.sigma, c, {}, tuple(j for j in modes if j in c) or modes)
             summary.append(f"  {label} network: {math.sqrt(sum(v * v for v in c.values())):.3f} rad RMS, "
                            f"{cmp_['rms_difference_rad']:.3f} rad RMS from the fit (correlation {cmp_['correlation']:.2f})")
             entry["networks"][label]["vs_fit"] = cmp_
+        elif label in nets and "error" in nets[label]:
+            summary.append(f"  {label} network: not read ({nets[label]['error']})")
+    summary += ["  limit: " + s for s in limits]
     entry["summary"] = summary
     return fit, entry

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from autoalign.app.analysis import StackAnalysis
+from autoalign.calibration.section_fit import SectionFit
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_sections_report"]
 
 
 def _radial(img: np.ndarray, cx: float, cy: float, pixel: float, r_max: float) -> tuple[np.ndarray, np.ndarray]:
@@ -145,9 +145,14 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
     return out
 
 
-def write_sections_report(fit: Any, entry: dict, path: str | Path, title: str = "") -> Path:
-    """Report of a section-scan fit: data, model and residual of each section, and the Zernike
-    estimates of the fit (with sigma) and of the networks side by side."""
+def write_sections_report(fit: SectionFit, entry: dict, path: str | Path, title: str = "") -> Path:
+    """Report of a section-scan fit (:class:`calibration.section_fit.SectionFit` and the entry of
+    :func:`app.analysis.analyse_scans`). One row per section (xy, xz, yz): data and model on one
+    colour scale, the normalised residual ``(data - model) / sqrt(model)`` (+-4), and the profiles
+    through the bead along both axes (data as points, model as lines); then the Zernike estimate
+    of the fit with its one-sigma error bars beside the networks' readings, and the verdict, the
+    fitted beam, bead and photons, the detection and what limits the result, in words. Axes in
+    µm from the fitted bead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,27 +162,73 @@ def write_sections_report(fit: Any, entry: dict, path: str | Path, title: str = 
 
     data: dict = fit.data
     model: dict = fit.model
+    axes_um: dict = fit.axes_um
+    bead = fit.bead_um
     keys = list(data)
-    fig = plt.figure(figsize=(4.2 * len(keys), 12))
-    gs = fig.add_gridspec(4, len(keys), height_ratios=[1, 1, 1, 1.1], hspace=0.45, wspace=0.35)
-    for col, key in enumerate(keys):
-        d, m = data[key], model[key]
-        for row, (label, img, res) in enumerate((("data", d, False), ("model", m, False),
-                                                ("residual / sqrt(model)", (d - m) / np.sqrt(np.clip(m, 1, None)), True))):
+    names = {"xy": ("x", "y"), "xz": ("x", "z"), "yz": ("y", "z")}    # (columns, rows)
+    centre = {"x": bead[0], "y": bead[1], "z": bead[2]}
+    from matplotlib.ticker import MaxNLocator
+
+    height = 3.35 * len(keys) + 4.6
+    fig = plt.figure(figsize=(15, height))
+    gs = fig.add_gridspec(len(keys) + 1, 4, height_ratios=[1] * len(keys) + [1.2], hspace=0.42, wspace=0.38,
+                          left=0.05, right=0.985, top=1 - 0.75 / height, bottom=0.035)
+    log_profiles = fit.beam != "none"      # a donut's null is what matters: counts on a log scale
+    for row, key in enumerate(keys):
+        d, m = np.asarray(data[key], float), np.asarray(model[key], float)
+        cname, rname = names.get(key, ("columns", "rows"))
+        if key in axes_um:
+            r_ax, c_ax = (np.asarray(a, float) for a in axes_um[key])
+        else:
+            r_ax, c_ax = np.arange(d.shape[0], dtype=float), np.arange(d.shape[1], dtype=float)
+        r_rel, c_rel = r_ax - centre.get(rname, 0.0), c_ax - centre.get(cname, 0.0)
+        pr = float(r_rel[1] - r_rel[0]) if len(r_rel) > 1 else 1.0
+        pc = float(c_rel[1] - c_rel[0]) if len(c_rel) > 1 else 1.0
+        extent = (c_rel[0] - pc / 2, c_rel[-1] + pc / 2, r_rel[0] - pr / 2, r_rel[-1] + pr / 2)
+        vmax = float(max(d.max(), m.max()))
+        res = (d - m) / np.sqrt(np.clip(m, 1e-6, None))
+        chi2 = float(np.mean(res**2))
+        for col, (label, img, kind) in enumerate(((f"{key}: data (counts)", d, "img"),
+                                                  (f"{key}: model", m, "img"),
+                                                  (f"{key}: residual / sqrt(model), chi^2/px {chi2:.2f}", res, "res"))):
             ax = fig.add_subplot(gs[row, col])
-            im = ax.imshow(img, cmap="RdBu_r" if res else "magma", vmin=-5 if res else 0,
-                           vmax=5 if res else float(d.max()), origin="lower" if key != "xy" else "upper")
-            ax.set_title(f"{key}: {label}", fontsize=9)
+            im = ax.imshow(img, cmap="RdBu_r" if kind == "res" else "magma", vmin=-4 if kind == "res" else 0,
+                           vmax=4 if kind == "res" else vmax, origin="lower", extent=extent, aspect="equal",
+                           interpolation="nearest")
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel(f"{cname} - bead (µm)", fontsize=8)
+            ax.set_ylabel(f"{rname} - bead (µm)", fontsize=8)
             ax.tick_params(labelsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-    ax = fig.add_subplot(gs[3, :])
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.yaxis.set_major_locator(MaxNLocator(5))
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            cb.ax.tick_params(labelsize=6)
+            if kind == "res":
+                cb.set_label("sigma", fontsize=7)
+        ax = fig.add_subplot(gs[row, 3])
+        ir, ic = int(np.argmin(np.abs(r_rel))), int(np.argmin(np.abs(c_rel)))
+        ax.plot(c_rel, d[ir], ".", color="C0", ms=3.5, label=f"along {cname} ({rname} = bead)")
+        ax.plot(c_rel, m[ir], "-", color="C0", lw=1)
+        ax.plot(r_rel, d[:, ic], ".", color="C3", ms=3.5, label=f"along {rname} ({cname} = bead)")
+        ax.plot(r_rel, m[:, ic], "-", color="C3", lw=1)
+        if log_profiles:
+            ax.set_yscale("log")
+            ax.set_ylim(max(0.5 * float(min(m[ir].min(), m[:, ic].min())), 0.1), 2 * vmax)
+        ax.set_xlabel("µm from the bead", fontsize=8)
+        ax.set_ylabel("counts per binned pixel" + (" (log)" if log_profiles else ""), fontsize=8)
+        ax.set_title(f"{key}: profiles through the bead\n(points: data, lines: model)", fontsize=8.5)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6.5, loc="upper right", framealpha=0.7)
+    # ---- the Zernike estimates
+    ax = fig.add_subplot(gs[len(keys), 0:2])
     coeffs: dict = fit.coefficients
     sig: dict = fit.sigma
     modes = sorted(coeffs)
     x = np.arange(len(modes))
     nets = {k: v for k, v in entry.get("networks", {}).items() if isinstance(v, dict) and "coefficients_rad" in v}
     w = 0.8 / (1 + len(nets))
-    ax.bar(x - 0.4 + w / 2, [coeffs[j] for j in modes], w, yerr=[sig[j] for j in modes], capsize=2, label="fit")
+    ax.bar(x - 0.4 + w / 2, [coeffs[j] for j in modes], w, yerr=[sig[j] for j in modes], capsize=2,
+           label="instrument-model fit (1 sigma)")
     for i, (label, v) in enumerate(nets.items()):
         c = {int(k): float(val) for k, val in v["coefficients_rad"].items()}
         ax.bar(x - 0.4 + w * (i + 1.5), [c.get(j, 0.0) for j in modes], w, label=f"{label} network")
@@ -185,12 +236,42 @@ def write_sections_report(fit: Any, entry: dict, path: str | Path, title: str = 
     ax.set_xticks(x)
     ax.set_xticklabels([str(j) for j in modes], fontsize=7)
     ax.set_xlabel("Noll index", fontsize=8)
-    ax.set_ylabel("rad", fontsize=8)
+    ax.set_ylabel("aberration (rad RMS)", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
-    ax.set_title(textwrap.fill(fit.verdict, 140), fontsize=8)
-    fig.suptitle(title or "section scans", fontsize=12)
+    ax.set_title("Zernike estimate" + ("" if nets else " (no network reading: networks read vortex beams only)"),
+                 fontsize=9)
+    # ---- words
+    ax = fig.add_subplot(gs[len(keys), 2:4])
+    ax.axis("off")
+    fit_e = entry.get("fit", {})
+    off, off_s = fit.mask_offset, fit.mask_offset_sigma
+    bead_s = fit.bead_sigma_um
+    verdict = ("VALID: " if fit.valid else "NOT VALID: ") + str(fit.verdict)
+    lines = [verdict,
+             f"beam {entry.get('beam', fit.beam)}, {entry.get('detection', '?')} detection; "
+             + str(entry.get("beam_rule", "")),
+             "bead (µm): " + ", ".join(f"{a} {v:.4f} +- {s:.4f}" for a, v, s in zip("xyz", bead, bead_s))]
+    if entry.get("beam", "none") != "none":
+        lines.append(f"mask offset (pupil radii): x {off[0]:+.4f} +- {off_s[0]:.4f}, y {off[1]:+.4f} +- {off_s[1]:.4f}")
+    photons: dict = fit.photons
+    bg: dict = fit.background
+    lines.append("photons / background per px: " + ", ".join(f"{k} {photons[k]:.0f} / {bg[k]:.1f}" for k in photons))
+    lines.append(f"{fit_e.get('pupil_samples', '?')} pupil nodes, {fit_e.get('evaluations', '?')} evaluations, "
+                 f"fit {fit.elapsed_s:.1f} s")
+    for label, v in entry.get("networks", {}).items():
+        if isinstance(v, dict) and "vs_fit" in v:
+            c = v["vs_fit"]
+            lines.append(f"{label} network: {c['rms_other_rad']:.3f} rad RMS, {c['rms_difference_rad']:.3f} rad RMS "
+                         f"from the fit")
+        elif isinstance(v, dict) and "error" in v and label in ("coarse", "fine"):
+            lines.append(f"{label} network: not read ({v['error'][:80]})")
+    lines += ["limit: " + s for s in entry.get("limits", [])]
+    ax.text(0, 1, "\n".join(textwrap.fill(s, 90, subsequent_indent="  ") for s in lines), va="top", fontsize=8,
+            family="monospace", transform=ax.transAxes)
+    fig.suptitle(title or "section scans", fontsize=12, y=1 - 0.2 / height)
     out = Path(path)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": "autoalign analyse"})
+        fig.savefig(tmp, dpi=80, format="png", metadata={"Software": "autoalign analyse"})
     plt.close(fig)
     return out

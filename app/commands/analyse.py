@@ -140,6 +140,11 @@ def register(subparsers: Any) -> None:
                    help="folder for the report PNG and JSON (default: ./analysis_<file name>); files in it are "
                    "replaced only when autoalign wrote them")
     p.add_argument("--no-retrieval", action="store_true", help="skip the independent phase retrieval")
+    p.add_argument("--scan-detection", choices=["confocal", "direct"], default="confocal",
+                   help="section scans (.obf/.msr): confocal (default: the signal is the illumination times the "
+                   "detection PSF through the pinhole, a bead scanned by a STED / confocal microscope) or direct "
+                   "(the data are the illumination itself). Each channel's beam follows its name: excitation / "
+                   "confocal / Gaussian channels are a focus (beam none), the others --beam")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     p.set_defaults(func=run)
 
@@ -194,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         from autoalign.app.analysis import analyse_scans
         from autoalign.app.analysis_report import write_sections_report
 
-        fit, entry = analyse_scans(scans, ins, beam, progress, settings=load_settings(args.settings))
+        fit, entry = analyse_scans(scans, ins, beam, progress, settings=load_settings(args.settings),
+                                   confocal=args.scan_detection == "confocal")
         png = out_dir / f"{path.stem}_{(scans.channel or 'scans').replace(' ', '_')}.png"
         if png.exists() and not (png_software(png) or "").startswith("autoalign"):
             raise OverwriteRefused(f"{png}: exists and was not written by autoalign; choose another --out")
