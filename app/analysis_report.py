@@ -52,8 +52,9 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
         "xz (y = bead)": (data[:, iy, :], model[:, iy, :]),
         "yz (x = bead)": (data[:, :, ix], model[:, :, ix]),
     }
-    fig = plt.figure(figsize=(15, 14.5))
-    gs = fig.add_gridspec(5, 9, height_ratios=[1, 1, 1, 1.1, 1.2], hspace=0.55, wspace=0.45)
+    fig = plt.figure(figsize=(16, 15))
+    gs = fig.add_gridspec(5, 9, height_ratios=[1, 1, 1, 1.1, 1.2], hspace=0.6, wspace=1.1,
+                          left=0.05, right=0.97, top=0.94, bottom=0.04)
     vmax = np.log10(max(float(data.max()), 10.0))
     for col, (name, (d, m)) in enumerate(sections.items()):
         z_extent = (-n // 2 * p, (n - 1 - n // 2) * p, float(sf.z_um[0] - sf.bead_um[2]), float(sf.z_um[-1] - sf.bead_um[2]))
@@ -74,7 +75,8 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
             ax.tick_params(labelsize=7)
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             cb.ax.tick_params(labelsize=6)
-            cb.set_label("log10 electrons" if kind == "log" else "sigma", fontsize=7)
+            if col == 2:
+                cb.set_label("log10 electrons" if kind == "log" else "sigma", fontsize=7)
     # ---- profiles
     ax = fig.add_subplot(gs[3, 0:3])
     for dz, colour in ((0.0, "C0"), (-1.0, "C1"), (1.0, "C2")):
@@ -137,7 +139,7 @@ def write_report(analysis: StackAnalysis, path: str | Path, title: str = "") -> 
                  f"{ins.apodisation:+.2f}, axial scale {ins.axial_scale:.3f}, bead {1000 * ins.bead_diameter_um:.0f} nm"
                  + (f" ({ins.source})" if ins.source else " (nominal: not calibrated)"))
     ax.text(0, 1, "\n".join(textwrap.fill(s, 62) for s in lines), va="top", fontsize=7.5, family="monospace")
-    fig.suptitle(title or f"{analysis.stack.name}: data, instrument model and residual", fontsize=12)
+    fig.suptitle(title or f"{analysis.stack.name}: data, instrument model and residual", fontsize=12, y=0.985)
     out = Path(path)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=90, format="png", metadata={"Software": "autoalign analyse"})
