@@ -74,6 +74,19 @@ def test_instrument_file_found_checked_and_refused_for_other_optics(tmp_path, mo
     assert "numerical_aperture 1.2 (calibrated from 1)" in err
 
 
+def test_a_foreign_results_file_is_never_replaced(tmp_path, capsys):
+    """A JSON of the same name in --out that autoalign did not write is refused, unchanged."""
+    tif = tmp_path / "bead.tif"
+    _sim_tiff(tif, {6: 0.05})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bead.json").write_text('{"mine": 1}')
+    rc = main(["analyse", str(tif), *SIM_FLAGS, "--no-retrieval", "--out", str(out)])
+    assert rc == 2
+    assert "not written by autoalign analyse" in capsys.readouterr().err
+    assert (out / "bead.json").read_text() == '{"mine": 1}'
+
+
 def test_a_file_without_a_bead_is_refused_by_name(tmp_path, capsys):
     tif = tmp_path / "dark.tif"
     rng = np.random.default_rng(0)

@@ -180,7 +180,11 @@ def run(args: argparse.Namespace) -> int:
     beam = _beam(args)
     options = AnalysisOptions(max_noll=args.max_noll, z_range_um=args.z_range_um, plane_step=args.plane_step,
                               retrieval=not args.no_retrieval, beam=beam)
-    results: dict[str, Any] = {"file": str(path), "format": rec.format, "optics": said, "notes": rec.notes,
+    js = out_dir / f"{path.stem}.json"
+    if js.exists() and '"written_by": "autoalign analyse"' not in js.read_text(encoding="utf-8", errors="replace")[:200]:
+        raise OverwriteRefused(f"{js}: exists and was not written by autoalign analyse; choose another --out")
+    results: dict[str, Any] = {"written_by": "autoalign analyse", "file": str(path), "format": rec.format,
+                               "optics": said, "notes": rec.notes,
                                "stacks": [], "scans": []}
     progress = (lambda s: print("  " + s, file=log, flush=True)) if not args.json else None  # noqa: E731
     analyses = analyse_recording(rec, ins, cam, options, progress=progress) if rec.stacks else []
@@ -210,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
         results["scans"].append(entry)
         for line in entry["summary"]:
             print(line, file=log)
-    js = out_dir / f"{path.stem}.json"
     atomic_write_text(js, json.dumps(_finite(results), indent=1))
     print(f"results: {js}", file=log)
     if args.json:
