@@ -48,7 +48,7 @@ from autoalign.simulation.instrument import Instrument, InstrumentPSF
 
 __all__ = ["CameraCounts", "FitOptions", "StackFit", "JointFit", "fit_stacks", "prepare_stack",
            "DEVIANCE_MAX", "STRUCTURE_P_MIN", "INSTRUMENT_PARAMETERS", "PreparedStack",
-           "block_sums", "jacobian", "minimise", "model_error_fraction"]
+           "block_sums", "jacobian", "minimise", "model_error_fraction", "goodness_of_fit"]
 
 DEVIANCE_MAX = 1.2
 """A fit whose Poisson deviance per degree of freedom exceeds this does not explain the data."""
@@ -332,6 +332,28 @@ class _Problem:
         return total
 
 
+def goodness_of_fit(data: np.ndarray, mean: np.ndarray, dof: int, structure_p: dict[int, float], block_px: int,
+                    nll: float) -> tuple[float, float, float, list[str]]:
+    """Poisson deviance and Pearson chi^2 per degree of freedom, the model-error fraction, and the
+    reasons the fit does not explain the data (:data:`DEVIANCE_MAX`, :data:`STRUCTURE_P_MIN` at
+    ``block_px`` blocks; empty when it does). ``data``, ``mean``: counts (read noise added) of
+    every pixel fitted; ``structure_p``: block size -> p-value of the structured-residual test."""
+    d, mu = np.ravel(data), np.ravel(mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        deviance = 2 * float(np.sum(np.where(d > 0, d * np.log(d / mu), 0.0) - (d - mu))) / dof
+    chi2 = float(np.sum((d - mu) ** 2 / mu)) / dof
+    eps = model_error_fraction(d, mu, mu, dof)
+    reasons = []
+    if not math.isfinite(nll):
+        reasons.append("the fit diverged")
+    if deviance > DEVIANCE_MAX:
+        reasons.append(f"deviance/dof {deviance:.2f} > {DEVIANCE_MAX}")
+    p = structure_p[block_px]
+    if p < STRUCTURE_P_MIN:
+        reasons.append(f"structured residual at {block_px}x{block_px} px (p = {p:.1e} < {STRUCTURE_P_MIN})")
+    return deviance, chi2, eps, reasons
+
+
 def _border_level(electrons: np.ndarray) -> float:
     """Median of the outer two pixels of every plane (the background's start)."""
     e = electrons
@@ -604,21 +626,9 @@ def fit_stacks(stacks: Sequence[ZStack], camera: CameraCounts, instrument: Instr
         mu_s, d_s = mu + problem.read_var, np.clip(d + problem.read_var, 0, None)
         n_pix = d.size
         dof = max(n_pix - len(idx) - n_inst, 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dev_terms = np.where(d_s > 0, d_s * np.log(d_s / mu_s), 0.0) - (d_s - mu_s)
-        deviance = 2 * float(dev_terms.sum()) / dof
         pearson = (d_s - mu_s) / np.sqrt(mu_s)
-        chi2 = float(np.sum(pearson**2)) / dof
         struct = {b: structure_test(pearson, blocks=(b,))[0] for b in (2, 4, 8)}
-        eps = model_error_fraction(d_s, mu_s, mu_s, dof)
-        reasons = []
-        if not math.isfinite(nll):
-            reasons.append("the fit diverged")
-        if deviance > DEVIANCE_MAX:
-            reasons.append(f"deviance/dof {deviance:.2f} > {DEVIANCE_MAX}")
-        if struct[options.block_px] < STRUCTURE_P_MIN:
-            reasons.append(f"structured residual at {options.block_px}x{options.block_px} px "
-                           f"(p = {struct[options.block_px]:.1e} < {STRUCTURE_P_MIN})")
+        deviance, chi2, eps, reasons = goodness_of_fit(d_s, mu_s, dof, struct, options.block_px, nll)
         coeffs = {j: float(theta[idx[f"Z{j}"]]) for j in problem.modes}
         fits.append(StackFit(
             name=ps.name, coefficients=coeffs,

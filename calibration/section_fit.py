@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from autoalign.calibration.psf_fit import (
-    _MODE_SCALE, DEVIANCE_MAX, STRUCTURE_P_MIN, block_sums, jacobian, minimise, model_error_fraction)
+    _MODE_SCALE, DEVIANCE_MAX, STRUCTURE_P_MIN, block_sums, goodness_of_fit, jacobian, minimise)
 from autoalign.calibration.refine import structure_test
 from autoalign.simulation.instrument import Instrument, InstrumentPSF
 
@@ -756,20 +756,10 @@ def _fit_sections(scans: Any, instrument: Instrument, beam: str, modes: list[int
     sig = np.fmax(sig_f, sig_s)
     d_cat, mu_cat = np.concatenate(d_all), np.clip(np.concatenate(mu_all), 1e-6, None)
     dof = max(d_cat.size - n_par, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dev = 2 * float(np.sum(np.where(d_cat > 0, d_cat * np.log(d_cat / mu_cat), 0.0) - (d_cat - mu_cat))) / dof
-    chi2 = float(np.sum((d_cat - mu_cat) ** 2 / mu_cat)) / dof
     pear = [(data_out[k] - model_out[k]) / np.sqrt(np.clip(model_out[k], 1e-6, None)) for k in problem.keys]
     # Bonferroni over the sections: the smallest p of the sections times their number
     struct = {b: min(1.0, min(structure_test(pp[None], blocks=(b,))[0] for pp in pear) * len(pear)) for b in (2, 4, 8)}
-    eps = model_error_fraction(d_cat, mu_cat, mu_cat, dof)
-    reasons = []
-    if not math.isfinite(nll):
-        reasons.append("the fit diverged")
-    if dev > DEVIANCE_MAX:
-        reasons.append(f"deviance/dof {dev:.2f} > {DEVIANCE_MAX}")
-    if struct[4] < STRUCTURE_P_MIN:
-        reasons.append(f"structured residual at 4x4 px (p = {struct[4]:.1e} < {STRUCTURE_P_MIN})")
+    dev, chi2, eps, reasons = goodness_of_fit(d_cat, mu_cat, dof, struct, 4, nll)
     # ---- how much the confocal detection changes the model (at the fitted parameters)
     effect: dict[str, float] = {}
     with torch.no_grad():
