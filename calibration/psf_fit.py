@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autoalign.calibration.refine import structure_test
+from autoalign.calibration.refine import fisher_information, structure_test
 from autoalign.recording import MeasurementError, ZStack
 from autoalign.simulation.instrument import Instrument, InstrumentPSF
 
@@ -598,7 +598,7 @@ def fit_stacks(stacks: Sequence[ZStack], camera: CameraCounts, instrument: Instr
         jac = jacobian(exact, theta, k, cols)
         var = (mu + problem.read_var).ravel()
         d = (ps.electrons + problem.read_var).ravel()
-        f_k = jac.T @ (jac / var[:, None])
+        f_k = fisher_information(jac, var)
         score = jac * ((d - var) / var)[:, None]
         sb = block_sums(score, ps.electrons.shape, options.block_px)
         m_k = sb.T @ sb

@@ -61,7 +61,7 @@ import torch
 
 from autoalign.calibration.psf_fit import (
     _MODE_SCALE, DEVIANCE_MAX, STRUCTURE_P_MIN, block_sums, goodness_of_fit, jacobian, minimise)
-from autoalign.calibration.refine import structure_test
+from autoalign.calibration.refine import fisher_information, structure_test
 from autoalign.simulation.instrument import Instrument, InstrumentPSF
 
 __all__ = ["SectionFit", "fit_sections", "pupil_samples_needed", "pinhole_radius_um", "PINHOLE_STEP_UM",
@@ -743,7 +743,7 @@ def _fit_sections(scans: Any, instrument: Instrument, beam: str, modes: list[int
         d = problem.data[k].numpy()
         jac = jacobian(problem, theta, k, list(range(n_par)))
         var = np.clip(mu, 1e-6, None).ravel()
-        fisher += jac.T @ (jac / var[:, None])
+        fisher += fisher_information(jac, var)
         score = jac * ((d.ravel() - var) / var)[:, None]
         sb = block_sums(score, (1, d.shape[0], d.shape[1]), 4)
         meat += sb.T @ sb
